@@ -193,10 +193,12 @@ class DataModule(pl.LightningDataModule):
         dataset = self.splits[split]
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # set by seed_everything, as Lightning's own samplers do
         workers = self.hparams.num_workers
+        # Own generator: creating an iterator then never draws from the global RNG, which the model's dropout
+        # uses, so a resumed run's dropout masks match an uninterrupted run's.
         return DataLoader(dataset, batch_size=self.hparams.batch_size, collate_fn=keep_batch,
                           sampler=EpochShuffleSampler(dataset, seed) if shuffle else None,
-                          num_workers=workers, persistent_workers=workers > 0,
-                          pin_memory=torch.cuda.is_available())
+                          generator=torch.Generator().manual_seed(seed), num_workers=workers,
+                          persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

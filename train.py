@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import netrc
 import os
+import random
 import re
 import subprocess
 import sys
@@ -31,11 +32,13 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
+import numpy as np
 import torch
 from jsonargparse import ArgumentError
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning import LightningModule, Trainer
 from pytorch_lightning.callbacks import (
+    Callback,
     EarlyStopping,
     LearningRateMonitor,
     ModelCheckpoint,
@@ -80,11 +83,13 @@ def has_wandb_credentials() -> bool:
 
 
 def wandb_mode(requested: str) -> str:
-    if requested != "auto":
-        return requested
-    if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
-    return "online" if has_wandb_credentials() else "offline"
+    mode = requested if requested != "auto" else os.environ.get("WANDB_MODE") or "auto"
+    if mode == "auto":
+        return "online" if has_wandb_credentials() else "offline"
+    if mode == "online" and not has_wandb_credentials():  # wandb would prompt for a key, forever in a terminal
+        raise ValueError("wandb mode 'online' needs credentials: run `wandb login` or set WANDB_API_KEY, "
+                         "or use --wandb.mode=offline")
+    return mode
 
 
 class FallbackWandbLogger(WandbLogger):
@@ -147,6 +152,38 @@ class LogLineProgress(ProgressBar):
         self._print(trainer, pl_module, f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs} done in {seconds:.1f}s")
 
 
+class ResumeRNGState(Callback):
+    """Saves the random number generators' states in every checkpoint and puts them back when training resumes,
+    so a resumed run draws the same dropout masks and loader seeds as an uninterrupted one (Lightning restores
+    weights, optimizer and loops, but not these). Applied when the next epoch starts, after the sanity check.
+    The DataModule's loaders have their own generators, so only the model draws from these."""
+
+    def __init__(self) -> None:
+        self.pending: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()  # as tensors and numbers: weights_only loads
+        numpy_state = [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]
+        state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.pending = state_dict
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.pending is None:
+            return
+        torch.set_rng_state(self.pending["torch"])
+        kind, keys, pos, has_gauss, gauss = self.pending["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        random.setstate(self.pending["python"])
+        if "cuda" in self.pending and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(self.pending["cuda"])
+        self.pending = None
+
+
 def git_commit() -> str:
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_DIR, capture_output=True, text=True,
@@ -164,13 +201,14 @@ class SaveConfigAndLog(SaveConfigCallback):
 
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if isinstance(trainer.logger, WandbLogger):
-            id_file = Path(self.config.run_dir) / "wandb_id"
+            id_file = Path(trainer.default_root_dir) / "wandb_id"
             if not id_file.exists():
                 tmp = id_file.with_name(f".wandb_id.{os.getpid()}")
                 tmp.write_text(trainer.logger.version + "\n")
                 os.replace(tmp, id_file)
         if trainer.logger is not None:
-            trainer.logger.log_hyperparams({**self.config.as_dict(), "git_commit": git_commit()})
+            extra = {"git_commit": git_commit(), "run_dir": trainer.default_root_dir}
+            trainer.logger.log_hyperparams({**self.config.as_dict(), **extra})
 
 
 def default_run_name() -> str:
@@ -215,26 +253,28 @@ class TrainCLI(LightningCLI):
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
 
     def before_instantiate_classes(self) -> None:
+        # Kept out of the saved config on purpose: re-running a saved config.yaml starts a new run.
         config = self.config
-        run_dir = Path(config.run_dir or os.environ.get(RUN_DIR_ENV) or Path("runs") / default_run_name()).resolve()
-        config.run_dir = str(run_dir)
-        config.trainer.default_root_dir = str(run_dir)
-        if config.checkpoint.dirpath is None:
-            config.checkpoint.dirpath = str(run_dir / "checkpoints")
+        chosen = config.run_dir or config.trainer.default_root_dir or os.environ.get(RUN_DIR_ENV)
+        self.run_dir = Path(chosen or Path("runs") / default_run_name()).resolve()
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        config, trainer_config = self.config, self._get(self.config_init, "trainer", default={})
+        trainer_config = self._get(self.config_init, "trainer", default={})
         callbacks = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
+        callbacks.append(ResumeRNGState())
+        for callback in callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
+                callback.dirpath = str(self.run_dir / "checkpoints")
         if trainer_config.get("enable_progress_bar", True) is not False:
             # A terminal gets Lightning's bar; log files get plain lines.
             callbacks.append(TQDMProgressBar() if sys.stdout.isatty() else LogLineProgress())
         if trainer_config.get("logger") in (None, True):  # not set by the user: our default wandb logger
-            options = config.wandb
-            run_dir = Path(config.run_dir)
+            options = self.config.wandb
             kwargs["logger"] = FallbackWandbLogger(
-                project=options.project, entity=options.entity, name=options.name or run_dir.name,
-                tags=options.tags or None, save_dir=str(run_dir), id=wandb_run_id(run_dir), resume="allow",
-                mode=wandb_mode(options.mode), settings=_wandb_settings(options.init_timeout))
+                project=options.project, entity=options.entity, name=options.name or self.run_dir.name,
+                tags=options.tags or None, save_dir=str(self.run_dir), id=wandb_run_id(self.run_dir),
+                resume="allow", mode=wandb_mode(options.mode), settings=_wandb_settings(options.init_timeout))
+        kwargs["default_root_dir"] = str(self.run_dir)
         return self._instantiate_trainer({**trainer_config, **kwargs}, callbacks)
 
 
@@ -262,9 +302,9 @@ def fit_and_test(cli: TrainCLI) -> dict[str, Any]:
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     tested = trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=best or None, verbose=False)
     results: dict[str, Any] = {k: float(v) for k, v in tested[0].items()} if tested else {}
-    results.update(run_dir=config.run_dir, best_checkpoint=best)
+    results.update(run_dir=str(cli.run_dir), best_checkpoint=best)
     if trainer.is_global_zero:
-        print(f"run directory:   {config.run_dir}\nbest checkpoint: {best or '(none)'}")
+        print(f"run directory:   {cli.run_dir}\nbest checkpoint: {best or '(none)'}")
         print("final metrics:   " + "  ".join(f"{k}={v:.4f}" for k, v in results.items() if isinstance(v, float)))
     return results
 
@@ -281,14 +321,23 @@ def one_line(err: BaseException) -> str:
 
 
 def main(args: list[str] | dict[str, Any] | None = None) -> dict[str, Any]:
+    import wandb
+
     set_here = RUN_DIR_ENV not in os.environ
     try:
         try:
             cli = build_cli(args)
         except (ArgumentError, ValueError, TypeError, MisconfigurationException) as err:
             raise SystemExit(f"error: {one_line(err)}\nSee `python train.py --help` for the options.") from None
-        os.environ[RUN_DIR_ENV] = cli.config.run_dir  # DDP workers started by Lightning inherit it
-        return fit_and_test(cli)
+        os.environ[RUN_DIR_ENV] = str(cli.run_dir)  # DDP workers started by Lightning inherit it
+        results = fit_and_test(cli)
+        if wandb.run is not None:
+            wandb.finish()  # so the next main() in this process starts its own wandb run
+        return results
+    except BaseException:
+        if wandb.run is not None:
+            wandb.finish(exit_code=1)  # marks the run as failed rather than leaving it open
+        raise
     finally:
         if set_here:
             os.environ.pop(RUN_DIR_ENV, None)

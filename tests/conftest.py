@@ -1,0 +1,39 @@
+"""Shared test set-up: offline wandb, every test in its own working directory, helpers to run the scripts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Runs each test in an empty directory (runs/ and data/ land there) with wandb offline and no credentials."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("TRAIN_RUN_DIR", raising=False)
+    return tmp_path
+
+
+def script_env(**extra: str) -> dict[str, str]:
+    """Environment for a child process: one torch thread (two 2-thread processes on 2 cores run ~15x slower)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.update(extra)
+    return env
+
+
+def run_script(*args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    """Runs `python <repo>/<script> args...` in the current directory and returns its result (text)."""
+    script, *rest = args
+    return subprocess.run([sys.executable, str(REPO / script), *rest], capture_output=True, text=True,
+                          timeout=timeout, env=script_env(**env))
+
+
+QUICK = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]

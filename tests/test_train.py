@@ -1,0 +1,156 @@
+"""train.py end to end: learning, wandb offline logging, the CLI, resuming, DDP, the model's structures."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import QUICK, REPO, run_script, script_env
+from wandb_records import wait_for_logged
+
+import train
+from model import ImageClassifier
+
+
+def wandb_file(run_dir: str | Path) -> str:
+    files = glob.glob(str(Path(run_dir) / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert len(files) == 1, files
+    return files[0]
+
+
+def test_short_run_learns_and_logs_to_offline_wandb():
+    results = train.main(QUICK + ["--trainer.max_epochs=3"])
+    assert results["test/acc"] > 0.8  # chance is 0.1
+    run_dir = Path(results["run_dir"])
+    assert run_dir.parent == Path.cwd() / "runs"
+    assert (run_dir / "config.yaml").is_file()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert Path(results["best_checkpoint"]).parent == run_dir / "checkpoints"
+    expected = {"train/loss", "val/loss", "val/acc", "test/acc", "test/loss"}
+    logged, config = wait_for_logged(wandb_file(run_dir), expected)
+    assert expected <= logged, sorted(logged)
+    assert config["seed_everything"] == "42"
+    assert len(config["git_commit"].strip('"')) >= 40 or config["git_commit"] == '"unknown"'
+    assert json.loads(config["model"])["hidden_dim"] == 128
+    assert (run_dir / "wandb_id").read_text().strip() in wandb_file(run_dir)
+
+
+def test_concurrent_runs_get_their_own_directories():
+    a = train.build_cli(QUICK)
+    b = train.build_cli(QUICK)
+    assert a.run_dir != b.run_dir and a.run_dir.parent == b.run_dir.parent
+
+
+def test_no_credentials_in_a_terminal_trains_offline_without_prompting(tmp_path: Path):
+    """wandb's login prompt waits forever on a terminal; the template must pick offline mode instead."""
+    env = script_env(HOME=str(tmp_path), NETRC=str(tmp_path / "no-netrc"))
+    for key in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE"):
+        env.pop(key, None)
+    main, child = pty.openpty()
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), "--trainer.max_epochs=1"], stdin=child,
+                            stdout=child, stderr=child, env=env, close_fds=True)
+    os.close(child)
+    output, deadline = b"", time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if select.select([main], [], [], 1)[0]:
+            try:
+                output += os.read(main, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+        elif proc.poll() is not None:
+            break
+    try:
+        proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("train.py hung in a terminal (waiting at wandb's login prompt?):\n" + output.decode()[-2000:])
+    finally:
+        os.close(main)
+    assert proc.returncode == 0, output.decode()[-3000:]
+    assert b"final metrics" in output
+    assert glob.glob("runs/*/wandb/offline-run-*/run-*.wandb")
+
+
+def test_dotted_overrides_and_config_file_take_effect(tmp_path: Path):
+    cli = train.build_cli(QUICK + ["--model.hidden_dim=64", "--data.batch_size=32", "--trainer.max_epochs=3",
+                                   "--seed_everything=1", "--optimizer.lr=0.01", "--early_stopping.patience=2"])
+    assert cli.model.hparams.hidden_dim == 64 and cli.model.fc.out_features == 64
+    assert cli.datamodule.hparams.batch_size == 32
+    assert cli.trainer.max_epochs == 3
+    assert cli.config.seed_everything == 1 and os.environ["PL_GLOBAL_SEED"] == "1"
+    assert cli.config.optimizer.init_args.lr == 0.01
+    assert cli.trainer.early_stopping_callback.patience == 2
+    config = tmp_path / "exp.yaml"
+    config.write_text("model:\n  depth: 3\n  channels: 8\ndata:\n  batch_size: 16\ntrainer:\n  max_epochs: 5\n")
+    cli = train.build_cli(["--config", str(config), "--model.channels=4"])  # later arguments win
+    assert len(cli.model.blocks) == 3 and cli.model.hparams.channels == 4
+    assert cli.datamodule.hparams.batch_size == 16 and cli.trainer.max_epochs == 5
+    # The same settings as a nested dict, the way other scripts call it.
+    cli = train.build_cli({"model": {"hidden_dim": 16}, "trainer": {"max_epochs": 1}})
+    assert cli.model.hparams.hidden_dim == 16 and cli.trainer.max_epochs == 1
+
+
+@pytest.mark.parametrize("args, names", [
+    (["--model.hiden_dim=3"], "model.hiden_dim"),
+    (["--model.hidden_dim=abc"], "model.hidden_dim"),
+    (["--optimizer.lr=fast"], "optimizer.lr"),
+    (["--config", "missing.yaml"], "missing.yaml"),
+    (["--model.depth=0"], "depth"),
+    (["--wandb.mode=online"], "wandb login"),  # no credentials: wandb would prompt forever
+])
+def test_bad_input_exits_nonzero_with_one_line_and_writes_nothing(args: list[str], names: str, tmp_path: Path):
+    result = run_script("train.py", *args, timeout=120, NETRC=str(tmp_path / "none"))
+    assert result.returncode != 0
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and names in error_lines[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert list(Path.cwd().iterdir()) == [] or not (Path.cwd() / "runs").exists()
+
+
+def test_resumed_run_ends_like_an_uninterrupted_one():
+    args = QUICK + ["--model.dropout=0.3", "--early_stopping.patience=100"]  # dropout: the RNG must be restored
+    full = train.main(args + ["--trainer.max_epochs=4", "--run_dir=full"])
+    train.main(args + ["--trainer.max_epochs=2", "--run_dir=stopped"])
+    resumed = train.main(args + ["--trainer.max_epochs=4", "--run_dir=stopped", "--ckpt_path=last"])
+    a = torch.load("full/checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    b = torch.load("stopped/checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    assert a["global_step"] == b["global_step"] == 4 * 20
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    assert resumed["test/acc"] == full["test/acc"] and resumed["test/loss"] == full["test/loss"]
+    # The resumed run continued the same wandb run.
+    assert len(glob.glob("stopped/wandb/offline-run-*")) == 2
+    assert len({Path(p).name for p in glob.glob("stopped/wandb/offline-run-*/run-*.wandb")}) == 1
+
+
+def test_ddp_two_cpu_processes_complete_a_fit():
+    result = run_script("train.py", "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu",
+                        "--trainer.max_epochs=2", "--trainer.enable_model_summary=false", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "final metrics" in result.stdout and result.stdout.count("final metrics") == 1  # printed by rank 0
+    assert len(list(Path("runs").iterdir())) == 1  # both ranks wrote into one run directory
+    # stdout is a pipe here, as in a SLURM log: plain lines, no carriage-return progress bar.
+    assert "\r" not in result.stdout and "epoch 2/2 done" in result.stdout
+
+
+@pytest.mark.parametrize("structure", [
+    dict(channels=4, depth=1, hidden_dim=8, dropout=0.0),
+    dict(channels=16, depth=3, hidden_dim=32, dropout=0.5),
+    dict(channels=8, depth=5, hidden_dim=16, dropout=0.1),
+])
+@pytest.mark.parametrize("shape", [(1, 8, 8), (1, 28, 28), (3, 32, 32)])
+def test_model_builds_and_runs_forward(structure: dict, shape: tuple[int, int, int]):
+    model = ImageClassifier(in_channels=shape[0], num_classes=7, **structure)
+    logits = model(torch.randn(5, *shape))
+    assert logits.shape == (5, 7) and torch.isfinite(logits).all()
+    logits.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
