@@ -285,14 +285,35 @@ def _wandb_settings(init_timeout: float) -> Any:
     return wandb.Settings(init_timeout=init_timeout, silent=True, git_root=str(REPO_DIR))
 
 
+TRAINER_DEFAULTS = {"max_epochs": 40, "log_every_n_steps": 10}
+PARSER_KWARGS = {"exit_on_error": False, "description": "Train the template's model (see train.py's docstring)."}
+
+
 def build_cli(args: list[str] | dict[str, Any] | None = None) -> TrainCLI:
     """Parse the settings and build model, data and trainer; raises ArgumentError/ValueError on bad settings."""
-    return TrainCLI(
-        ImageClassifier, DataModule, args=args, run=False, seed_everything_default=42,
-        save_config_callback=SaveConfigAndLog, save_config_kwargs={"overwrite": True},
-        trainer_defaults={"max_epochs": 40, "log_every_n_steps": 10},
-        parser_kwargs={"exit_on_error": False, "description": "Train the template's model (see train.py's docstring)."},
-    )
+    return TrainCLI(ImageClassifier, DataModule, args=args, run=False, seed_everything_default=42,
+                    save_config_callback=SaveConfigAndLog, save_config_kwargs={"overwrite": True},
+                    trainer_defaults=TRAINER_DEFAULTS, parser_kwargs=PARSER_KWARGS)
+
+
+class _ParseOnlyCLI(TrainCLI):
+    """Parses and validates like train.py, but builds nothing and sets no seed (for sweep.py's key checks)."""
+
+    def _set_seed(self) -> None:
+        pass
+
+    def before_instantiate_classes(self) -> None:
+        pass
+
+    def instantiate_classes(self) -> None:
+        pass
+
+
+def parse_config(args: list[str] | dict[str, Any]) -> Any:
+    """The config (a jsonargparse Namespace) that train.py would run with these arguments, without building
+    the model, data or trainer. Raises ArgumentError naming the key when an argument is unknown or invalid."""
+    return _ParseOnlyCLI(ImageClassifier, DataModule, args=args, run=False, seed_everything_default=42,
+                         trainer_defaults=TRAINER_DEFAULTS, parser_kwargs=PARSER_KWARGS).config
 
 
 def fit_and_test(cli: TrainCLI) -> dict[str, Any]:
@@ -345,4 +366,5 @@ def main(args: list[str] | dict[str, Any] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")  # in-memory data needs none
+    warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")  # Lightning's, not yours
     main()
