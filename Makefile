@@ -19,17 +19,20 @@ PYTEST_ARGS ?=
 env: $(VENV)/.complete
 
 # The marker is written last, so an interrupted install is never taken for a complete one; flock makes
-# concurrent `make` calls wait for one install instead of racing on the same directory.
+# concurrent `make` calls wait for one install instead of racing on the same directory. A directory that is
+# neither complete nor one of our interrupted installs (a conda env, say) is never deleted.
 $(VENV)/.complete: $(REQUIREMENTS)
 	@mkdir -p $(dir $(VENV))
 	@flock $(VENV).lock bash -c 'set -euo pipefail; \
 	  if [ -f $(VENV)/.complete ]; then exit 0; fi; \
+	  if [ -e $(VENV) ] && [ ! -f $(VENV)/.installing ]; then \
+	    echo "error: $(VENV) exists but is not a complete environment: remove it, or touch $(VENV)/.complete to use it as it is" >&2; exit 1; fi; \
 	  $(PYTHON) -c "import sys; sys.exit(sys.version_info < (3, 10))" || \
 	    { echo "error: $(PYTHON) is older than 3.10; run: make PYTHON=python3.11 ..." >&2; exit 1; }; \
 	  echo "Creating the environment in $(VENV) (first time only, about 2 minutes)"; \
-	  rm -rf $(VENV); $(PYTHON) -m venv $(VENV); \
+	  rm -rf $(VENV); $(PYTHON) -m venv $(VENV); touch $(VENV)/.installing; \
 	  $(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-dev.txt; \
-	  touch $(VENV)/.complete'
+	  rm $(VENV)/.installing; touch $(VENV)/.complete'
 
 train: env
 	$(PY) train.py $(ARGS)

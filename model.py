@@ -49,7 +49,7 @@ class ImageClassifier(pl.LightningModule):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.save_hyperparameters()  # stored in checkpoints: load_from_checkpoint rebuilds the same structure
         widths = [in_channels] + [channels * 2**i for i in range(depth)]
-        self.blocks = nn.ModuleList(ConvBlock(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.blocks = nn.ModuleList(ConvBlock(a, b) for a, b in zip(widths[:-1], widths[1:], strict=True))
         self.fc = nn.Linear(widths[-1], hidden_dim)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(hidden_dim, num_classes)

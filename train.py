@@ -149,7 +149,8 @@ class LogLineProgress(ProgressBar):
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         seconds = time.monotonic() - self.epoch_start
-        self._print(trainer, pl_module, f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs} done in {seconds:.1f}s")
+        done = f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs} done in {seconds:.1f}s"
+        self._print(trainer, pl_module, done)
 
 
 class ResumeRNGState(Callback):
