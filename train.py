@@ -52,7 +52,7 @@ from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities import rank_zero_warn
 
 from datamodule import DataModule
-from model import ImageClassifier
+from model import CKAMonitor, ImageClassifier
 
 REPO_DIR = Path(__file__).resolve().parent
 RUN_DIR_ENV = "TRAIN_RUN_DIR"  # hands the run directory to DDP worker processes, which re-run this script
@@ -252,6 +252,7 @@ class TrainCLI(LightningCLI):
         parser.add_lightning_class_args(EarlyStopping, "early_stopping")
         parser.set_defaults({"early_stopping.monitor": "val/loss", "early_stopping.patience": 8})
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.add_lightning_class_args(CKAMonitor, "cka")  # layer similarity heatmaps; --cka.every_n_epochs=0: off
 
     def before_instantiate_classes(self) -> None:
         # Kept out of the saved config on purpose: re-running a saved config.yaml starts a new run.
