@@ -22,6 +22,7 @@ import netrc
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -185,6 +186,27 @@ class ResumeRNGState(Callback):
         self.pending = None
 
 
+class MarkSweepRunPreempting(Callback):
+    """In a wandb sweep, a run stopped by SLURM's requeue signal (SIGUSR1) is marked as preempting, so the sweep
+    hands its config to an agent again instead of counting it as crashed. Wraps the handler that Lightning
+    installs for auto-requeue (which checkpoints and requeues); Lightning restores the original on teardown."""
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not (os.environ.get("WANDB_SWEEP_ID") and trainer.is_global_zero and hasattr(signal, "SIGUSR1")):
+            return
+        lightning_handler = signal.getsignal(signal.SIGUSR1)
+
+        def handler(signum: int, frame: Any) -> None:
+            import wandb
+
+            if wandb.run is not None:
+                wandb.run.mark_preempting()
+            if callable(lightning_handler):
+                lightning_handler(signum, frame)
+
+        signal.signal(signal.SIGUSR1, handler)
+
+
 def git_commit() -> str:
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_DIR, capture_output=True, text=True,
@@ -213,6 +235,9 @@ class SaveConfigAndLog(SaveConfigCallback):
 
 
 def default_run_name() -> str:
+    sweep, sweep_run = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
+    if sweep and sweep_run:  # started by a wandb sweep agent: one directory per sweep run, found again on resume
+        return f"sweep-{sweep}-{sweep_run}"
     slurm_job = os.environ.get("SLURM_JOB_ID")
     if slurm_job and SLURMEnvironment.job_name() not in ("bash", "interactive"):  # a batch job, not srun --pty
         array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
@@ -224,7 +249,9 @@ def default_run_name() -> str:
 def wandb_run_id(run_dir: Path) -> str:
     """The wandb run id of a run directory: made once and kept in the directory (SaveConfigAndLog writes it when
     training starts), so a resumed or requeued run continues the same wandb run, while two clusters' job 123
-    never share one."""
+    never share one. A sweep agent's run id (WANDB_RUN_ID) wins: the sweep knows its run by that id."""
+    if os.environ.get("WANDB_RUN_ID"):
+        return os.environ["WANDB_RUN_ID"]
     id_file = run_dir / "wandb_id"
     if id_file.exists():
         return id_file.read_text().strip()
@@ -263,7 +290,7 @@ class TrainCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer_config = self._get(self.config_init, "trainer", default={})
         callbacks = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
-        callbacks.append(ResumeRNGState())
+        callbacks += [ResumeRNGState(), MarkSweepRunPreempting()]
         for callback in callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
                 callback.dirpath = str(self.run_dir / "checkpoints")

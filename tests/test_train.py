@@ -154,3 +154,30 @@ def test_model_builds_and_runs_forward(structure: dict, shape: tuple[int, int, i
     assert logits.shape == (5, 7) and torch.isfinite(logits).all()
     logits.sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_a_sweep_agents_run_gets_its_own_directory_and_keeps_the_agents_run_id(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("WANDB_SWEEP_ID", "sw33p")
+    monkeypatch.setenv("WANDB_RUN_ID", "run42")
+    monkeypatch.setenv("SLURM_JOB_ID", "7")  # an agent in a SLURM task runs several sweep runs one after another
+    cli = train.build_cli(QUICK)
+    assert cli.run_dir.name == "sweep-sw33p-run42"
+    assert cli.trainer.logger.version == "run42"  # the sweep knows the run by the id its agent chose
+
+
+def test_sweep_runs_are_marked_preempting_on_the_requeue_signal(monkeypatch: pytest.MonkeyPatch):
+    import signal
+    from types import SimpleNamespace
+
+    import wandb
+
+    calls = []
+    monkeypatch.setenv("WANDB_SWEEP_ID", "sw33p")
+    monkeypatch.setattr(wandb, "run", SimpleNamespace(mark_preempting=lambda: calls.append("preempting")))
+    original = signal.signal(signal.SIGUSR1, lambda signum, frame: calls.append("lightning requeue"))
+    try:
+        train.MarkSweepRunPreempting().on_train_start(SimpleNamespace(is_global_zero=True), None)
+        signal.raise_signal(signal.SIGUSR1)
+    finally:
+        signal.signal(signal.SIGUSR1, original)
+    assert calls == ["preempting", "lightning requeue"]
