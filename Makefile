@@ -37,8 +37,10 @@ $(VENV)/.complete: $(REQUIREMENTS)
 train: env
 	$(PY) train.py $(ARGS)
 
+# The SLURM tests need a real Slurm: with_local_slurm.sh starts a one-node cluster on localhost when it can
+# (root, apt), runs the tests, stops it again and passes on pytest's exit code.
 test: env
-	WANDB_MODE=offline $(PY) -m pytest $(PYTEST_ARGS)
+	WANDB_MODE=offline tests/slurm/with_local_slurm.sh $(PY) -m pytest $(PYTEST_ARGS)
 
 lint: env
 	$(PY) -m ruff check .

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+pytest_plugins = ["slurm_fixtures"]  # the local-Slurm fixtures, for any test that asks for them
 
 
 @pytest.fixture(autouse=True)

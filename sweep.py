@@ -1,0 +1,326 @@
+"""Hyperparameter sweeps: one definition, SWEEP_CONFIG, run by wandb agents (here or on SLURM) or enumerated offline.
+
+    python sweep.py --dry-run                      # check SWEEP_CONFIG offline: wandb's schema, every key and value
+    python sweep.py                                # check, create the sweep on wandb, print the agent commands
+    python sweep.py --entity me --project proj     # where (default WANDB_ENTITY / WANDB_PROJECT, else mlmodeldev)
+    python sweep.py --list                         # every run of the grid as a train.py command, no server needed
+    python sweep.py --list --samples 20 --seed 0   # 20 random draws instead, the same ones on every call
+    ./run_sweep.sh ENTITY/PROJECT/SWEEP_ID [COUNT]                  # agents on this machine, one per GPU
+    sbatch --array=0-19%4 sbatch_agent.sh ENTITY/PROJECT/SWEEP_ID   # 20 agent tasks on SLURM, 4 at a time
+
+The agent starts `python train.py --key=value ...` as a new process for every run (command mode), so each run
+parses its own settings like any other train.py run, and every DDP rank gets the same argv. From Python
+(slurm_train.py, tests): validate(), grid_configs(), random_configs(n, seed) and to_argv(run), which builds
+train.py's arguments exactly as a wandb agent does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+import shlex
+import sys
+import urllib.error
+import urllib.request
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+with warnings.catch_warnings():  # sweeps 0.2.0 declares pydantic-v1 settings, which pydantic 2 warns about
+    warnings.simplefilter("ignore", UserWarning)
+    import sweeps
+    from sweeps.config import schema as sweeps_schema
+    from sweeps.params import HyperParameter
+
+SWEEP_CONFIG: dict[str, Any] = {
+    "name": "mlmodeldev-example",
+    "program": "train.py",
+    # ${args} becomes one `--key=value` element per parameter (Python str() of the value): train.py's syntax.
+    "command": ["${env}", "${interpreter}", "${program}", "${args}"],
+    "method": "random",  # grid | random | bayes
+    "metric": {"name": "val/loss", "goal": "minimize"},  # model.py logs it at the end of every validation epoch
+    # Hyperband stops runs whose val/loss trails the others' at epochs 3, 9, 27 (min_iter * eta**k).
+    "early_terminate": {"type": "hyperband", "min_iter": 3, "eta": 3},
+    # Full dotted train.py keys (see `python train.py --help`). Lists of values keep the grid enumerable;
+    # random and bayes also take distributions: {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-2}.
+    "parameters": {
+        "model.hidden_dim": {"values": [64, 128, 256]},
+        "model.dropout": {"values": [0.0, 0.1, 0.3]},
+        "optimizer.lr": {"values": [0.001, 0.003, 0.01]},
+        "data.batch_size": {"values": [32, 64, 128]},
+        "trainer.max_epochs": {"value": 30},
+    },
+}
+
+OFFLINE_HINT = ("on machines without internet, run the sweep offline instead: `python sweep.py --list` (or "
+                "slurm_train.py) enumerates the same SWEEP_CONFIG, then `wandb sync` the runs")
+
+
+class SweepConfigError(ValueError):
+    """A sweep config that wandb or train.py would reject; the message names every offending key, one per line."""
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars and tuples as the JSON values a wandb agent receives from the server."""
+    return json.loads(json.dumps(value, default=lambda v: v.item() if isinstance(v, np.generic) else str(v)))
+
+
+def _check_values(name: str, spec: dict[str, Any]) -> list[Any]:
+    """The values of one parameter worth parsing: all listed ones, or the ends and middle of a distribution."""
+    param = HyperParameter(name, spec)
+    if param.type == HyperParameter.CONSTANT:
+        return [param.config["value"]]
+    if param.type in (HyperParameter.CATEGORICAL, HyperParameter.CATEGORICAL_PROB):
+        return list(param.config["values"])
+    return [_plain(param.ppf(q)) for q in (0.01, 0.5, 0.99)]  # ppf(0) or ppf(1) is infinite for some
+
+
+def _lookup(tree: dict[str, Any], key: str) -> Any:
+    """The value of a dotted key in a parsed config; class groups keep their arguments under init_args."""
+    node: Any = tree
+    for part in key.split("."):
+        if isinstance(node, dict) and part not in node and "init_args" in node:
+            node = node["init_args"]
+        node = node[part]
+    return node
+
+
+def _same(parsed: Any, value: Any) -> bool:
+    if isinstance(parsed, dict) and "class_path" in parsed:  # --optimizer=SGD: a class given by (short) name
+        return value in (parsed["class_path"], parsed["class_path"].rsplit(".", 1)[-1])
+    return _plain(parsed) == _plain(value)
+
+
+def logged_metrics() -> set[str]:
+    """Metric names the model logs: read from its `self.log("name", ...)` calls, so a renamed metric is noticed."""
+    import inspect
+
+    import train
+
+    source = Path(inspect.getsourcefile(train.ImageClassifier) or "model.py").read_text()
+    return set(re.findall(r"""\.log\(\s*["']([^"']+)["']""", source))
+
+
+def _parse(run: dict[str, Any]) -> dict[str, Any]:
+    """The config train.py would run with this run's argv (raises what train.py would reject it with)."""
+    import train  # imported here, not at the top: --check-agent runs on login nodes and should not load torch
+
+    with warnings.catch_warnings():  # Lightning warns when args= comes with a sys.argv (sweep.py's own)
+        warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python")
+        return train.parse_config(to_argv(run)).as_dict()
+
+
+def _culprit(run: dict[str, Any], message: str) -> str:
+    """The parameter a train.py error is about: the one it names, else the one without which the rest parses
+    ('Parser key "optimizer"' for --optimizer.momentum=0.9 without --optimizer=SGD)."""
+    named = [name for name in run if f"--{name}=" in message or f'"{name}"' in message]
+    if named:
+        return named[0]
+    for name in run:
+        try:
+            _parse({k: v for k, v in run.items() if k != name})
+            return name
+        except Exception:
+            continue
+    return "parameters"
+
+
+def _cli_errors(parameters: dict[str, dict[str, Any]]) -> list[str]:
+    """Parse every value of every parameter as train.py would (one at a time, the others at their first value)
+    and check that it arrives unchanged: `--key=None` or `--key=1e-05` must mean what the sweep says."""
+    import train
+
+    values = {name: _check_values(name, spec) for name, spec in parameters.items()}
+    base = {name: vals[0] for name, vals in values.items()}
+    errors: dict[str, str] = {}
+    culprits: dict[str, str] = {}  # the same error recurs in every later trial: find its parameter once
+    for run in [base] + [{**base, name: v} for name, vals in values.items() for v in vals[1:]]:
+        try:
+            parsed = _parse(run)
+        except Exception as err:  # jsonargparse's ArgumentError, or TypeError/ValueError from a constructor
+            message = train.one_line(err)
+            if message not in culprits:
+                culprits[message] = _culprit(run, message)
+            name = culprits[message]
+            given = f"--{name}={run[name]}" if name in run else " ".join(to_argv(run))
+            hint = "; None cannot be given on the command line: leave the key out" if run.get(name, 0) is None else ""
+            errors.setdefault(name, f"parameters/{name}: train.py rejects {given}: {message}{hint}")
+            continue
+        for name, value in run.items():
+            try:
+                got = _lookup(parsed, name)
+            except (KeyError, TypeError):
+                errors.setdefault(name, f"parameters/{name}: not a train.py key")
+                continue
+            if not _same(got, value):
+                errors.setdefault(name, f"parameters/{name}: value {value!r} reaches train.py as {got!r} "
+                                        f"(the agent passes --{name}={value}); leave it out to get the default")
+    return list(errors.values())
+
+
+def validate(config: dict[str, Any] = SWEEP_CONFIG) -> dict[str, Any]:
+    """Check a sweep config against wandb's own schema and against train.py's command line, before anything is
+    created. Returns the config with wandb's defaults filled in; raises SweepConfigError naming each bad key."""
+    errors = [f"{'/'.join(map(str, err.absolute_path)) or 'config'}: {err.message}"
+              for err in sweeps_schema.validator.iter_errors(config)]
+    parameters = config.get("parameters", {})
+    if not errors:
+        try:  # what the schema cannot express (min < max, probabilities summing to 1), as wandb checks it
+            config = sweeps.SweepConfig(config)
+        except Exception as err:
+            errors += dict.fromkeys(str(getattr(err, "message", err)).splitlines())  # each once, in order
+    if errors:
+        raise SweepConfigError("\n".join(errors))
+    if config.get("program") != "train.py":
+        errors.append(f"program: must be train.py, whose arguments this file checks, not {config.get('program')!r}")
+    command = config.get("command", ["${env}", "${interpreter}", "${program}", "${args}"])
+    if "${args}" not in command:
+        errors.append(f"command: must pass ${{args}} (--key=value, what train.py parses); got {command}")
+    metric = config.get("metric", {}).get("name")
+    if metric is None:
+        errors.append("metric: missing; the sweep ranks and stops runs by it (train.py logs val/loss)")
+    elif metric not in (logged := logged_metrics()):
+        errors.append(f"metric/name: {metric!r} is never logged; the model logs {', '.join(sorted(logged))}")
+    for name, spec in parameters.items():  # as given: wandb's filling silently drops nested ones
+        if "parameters" in spec:  # a nested dict would reach train.py as --name={'a': 1}
+            errors.append(f"parameters/{name}: nested parameters are not supported; use dotted keys ({name}.x)")
+    flat = {name: spec for name, spec in parameters.items() if "parameters" not in spec}
+    errors += _cli_errors(flat)
+    if errors:
+        raise SweepConfigError("\n".join(errors))
+    return config
+
+
+def _runs_to_dicts(runs: list[Any]) -> list[dict[str, Any]]:
+    return [{name: _plain(item["value"]) for name, item in sorted(run.config.items())} for run in runs if run]
+
+
+def grid_configs(config: dict[str, Any] = SWEEP_CONFIG) -> list[dict[str, Any]]:
+    """Every combination of the parameters' values (the product), in the order wandb's grid search uses."""
+    try:
+        runs = sweeps.next_runs({**config, "method": "grid"}, [], validate=True, n=grid_size(config) + 1)
+    except ValueError as err:  # "Parameter X is a disallowed type with grid search ..."
+        raise SweepConfigError(str(err)) from None
+    return _runs_to_dicts(runs)
+
+
+def grid_size(config: dict[str, Any] = SWEEP_CONFIG) -> int:
+    """The number of runs in the grid, or 0 when a parameter is a continuous distribution."""
+    sizes = []
+    for name, spec in config["parameters"].items():
+        param = HyperParameter(name, spec)
+        if param.type == HyperParameter.CONSTANT:
+            sizes.append(1)
+        elif param.type == HyperParameter.CATEGORICAL:
+            sizes.append(len(param.config["values"]))
+        elif param.type == HyperParameter.INT_UNIFORM:
+            sizes.append(param.config["max"] - param.config["min"] + 1)
+        elif param.type == HyperParameter.Q_UNIFORM:  # as the grid search expands it
+            sizes.append(len(np.arange(param.config["min"], param.config["max"], param.config["q"])))
+        else:
+            return 0
+    return math.prod(sizes)
+
+
+def random_configs(n: int, seed: int = 0, config: dict[str, Any] = SWEEP_CONFIG) -> list[dict[str, Any]]:
+    """n random draws from the parameters' distributions by wandb's random search; the same for the same seed.
+    The engine draws from Python's global `random` (and numpy for some): both are seeded, then restored."""
+    states = random.getstate(), np.random.get_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    try:
+        runs = sweeps.next_runs({**config, "method": "random"}, [], validate=True, n=n)
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+    return _runs_to_dicts(runs)
+
+
+def to_argv(run: dict[str, Any]) -> list[str]:
+    """train.py's arguments for one run, as a wandb agent builds ${args}: `--key=str(value)`, one element each,
+    sorted by name as the sweep engine orders a run's parameters. Order matters to train.py: a class
+    (--optimizer=SGD) must come before its arguments (--optimizer.momentum=0.9), and sorting puts it there."""
+    return [f"--{name}={value}" for name, value in sorted(run.items())]
+
+
+def agent_problem(timeout: float = 10.0) -> str | None:
+    """Why a wandb agent cannot work here (one line), or None. Agents get every run's settings from the server."""
+    mode = os.environ.get("WANDB_MODE", "")
+    if mode in ("offline", "disabled", "dryrun"):
+        return f"WANDB_MODE={mode}, but a wandb agent needs the wandb server for every run; {OFFLINE_HINT}"
+    url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+    try:
+        urllib.request.urlopen(url, timeout=timeout).close()  # honours https_proxy like wandb does
+    except urllib.error.HTTPError:
+        pass  # it answered: reachable, whatever the status
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        return f"cannot reach the wandb server {url} within {timeout:g} s ({reason}); {OFFLINE_HINT}"
+    return None
+
+
+def create(config: dict[str, Any], entity: str | None, project: str) -> str:
+    """Create the sweep on wandb; returns ENTITY/PROJECT/SWEEP_ID."""
+    import wandb
+
+    import train
+
+    if problem := agent_problem():
+        raise SystemExit(f"error: {problem}")
+    if not train.has_wandb_credentials():  # wandb would wait at its login prompt
+        raise SystemExit("error: no wandb credentials: run `wandb login` or set WANDB_API_KEY (or use --dry-run)")
+    sweep_id = wandb.sweep(sweep=config, entity=entity, project=project)
+    return f"{entity or wandb.Api().default_entity}/{project}/{sweep_id}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Check, create or enumerate the sweep in SWEEP_CONFIG.")
+    parser.add_argument("--dry-run", action="store_true", help="check everything, create nothing (no network)")
+    parser.add_argument("--entity", default=os.environ.get("WANDB_ENTITY"))
+    parser.add_argument("--project", default=os.environ.get("WANDB_PROJECT") or "mlmodeldev")
+    parser.add_argument("--list", action="store_true", help="print each run's train.py command (grid, or --samples)")
+    parser.add_argument("--samples", type=int, help="with --list: this many random draws instead of the grid")
+    parser.add_argument("--seed", type=int, default=0, help="with --samples: seed of the draws")
+    parser.add_argument("--check-agent", action="store_true",
+                        help="exit 1 with one line if a wandb agent cannot work here (used by the agent scripts)")
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the wandb server")
+    args = parser.parse_args(argv)
+
+    if args.check_agent:
+        if problem := agent_problem(args.timeout):
+            print(f"error: {problem}", file=sys.stderr)
+            return 1
+        return 0
+    try:
+        config = validate(SWEEP_CONFIG)
+        if args.list:
+            runs = random_configs(args.samples, args.seed) if args.samples else grid_configs()
+            print("\n".join(shlex.join(["python", "train.py", *to_argv(run)]) for run in runs))
+            return 0
+    except SweepConfigError as err:
+        print(f"error: the sweep config is invalid:\n{err}", file=sys.stderr)
+        return 1
+    grid, metric = grid_size(config), config["metric"]
+    print(f"sweep config OK: {config['method']} search over {len(config['parameters'])} parameters "
+          f"({f'grid of {grid} runs' if grid else 'continuous'}), {metric['goal']} {metric['name']}")
+    size = grid if config["method"] == "grid" else 20
+    if args.dry_run:
+        path = f"{args.entity or '<your entity>'}/{args.project}/<sweep id>"
+        print("dry run: nothing created. Without --dry-run the sweep is created and its agents start with:")
+    else:
+        path = create(SWEEP_CONFIG, args.entity, args.project)
+        print(f"created sweep {path}")
+    print(f"Agents on this machine, one per GPU:  ./run_sweep.sh {path} [COUNT]\n"
+          f"Agents on SLURM, {size}, 4 at a time:  sbatch --array=0-{size - 1}%4 sbatch_agent.sh {path}\n"
+          "Without a wandb server:  python sweep.py --list  (the same runs, as train.py commands)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
