@@ -52,7 +52,7 @@ from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities import rank_zero_warn
 
-from datamodule import DataModule
+from datamodule import DataModule, DownloadError
 from model import CKAMonitor, ImageClassifier
 
 REPO_DIR = Path(__file__).resolve().parent
@@ -277,7 +277,9 @@ class TrainCLI(LightningCLI):
                              "checkpoint.filename": "best-epoch{epoch:03d}-step{step}",
                              "checkpoint.auto_insert_metric_name": False})
         parser.add_lightning_class_args(EarlyStopping, "early_stopping")
-        parser.set_defaults({"early_stopping.monitor": "val/loss", "early_stopping.patience": 8})
+        # Checked after validation only, so a run stopped mid-epoch (--trainer.max_steps) has nothing to miss.
+        parser.set_defaults({"early_stopping.monitor": "val/loss", "early_stopping.patience": 8,
+                             "early_stopping.check_on_train_epoch_end": False})
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.add_lightning_class_args(CKAMonitor, "cka")  # layer similarity heatmaps; --cka.every_n_epochs=0: off
 
@@ -380,7 +382,10 @@ def main(args: list[str] | dict[str, Any] | None = None) -> dict[str, Any]:
         except (ArgumentError, ValueError, TypeError, MisconfigurationException) as err:
             raise SystemExit(f"error: {one_line(err)}\nSee `python train.py --help` for the options.") from None
         os.environ[RUN_DIR_ENV] = str(cli.run_dir)  # DDP workers started by Lightning inherit it
-        results = fit_and_test(cli)
+        try:
+            results = fit_and_test(cli)
+        except DownloadError as err:  # prepare_data runs inside fit: the data could not be fetched
+            raise SystemExit(f"error: {err}") from None
         if wandb.run is not None:
             wandb.finish()  # so the next main() in this process starts its own wandb run
         return results

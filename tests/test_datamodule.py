@@ -81,3 +81,10 @@ def test_command_line_prepares_and_exits(tmp_path: Path):
     result = run_script("datamodule.py", "--data_dir", str(tmp_path / "d"), timeout=120)
     assert result.returncode == 0, result.stderr
     assert "digits ready" in result.stdout and (tmp_path / "d" / "digits" / COMPLETE_MARKER).is_file()
+
+
+def test_downloadable_datasets_describe_themselves_before_any_download():
+    for name, channels in (("mnist", 1), ("fashion_mnist", 1), ("cifar10", 3)):
+        dm = DataModule(dataset=name, mirror="http://127.0.0.1:9/")  # train.py links these to the model first
+        assert (dm.in_channels, dm.num_classes) == (channels, 10)
+    assert not Path("data").exists()  # __init__ neither downloads nor creates anything

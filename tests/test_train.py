@@ -106,6 +106,7 @@ def test_dotted_overrides_and_config_file_take_effect(tmp_path: Path):
     (["--config", "missing.yaml"], "missing.yaml"),
     (["--model.depth=0"], "depth"),
     (["--wandb.mode=online"], "wandb login"),  # no credentials: wandb would prompt forever
+    (["--data.dataset=mnist", "--data.mirror=http://127.0.0.1:9/"], "could not download"),  # nothing listens
 ])
 def test_bad_input_exits_nonzero_with_one_line_and_writes_nothing(args: list[str], names: str, tmp_path: Path):
     result = run_script("train.py", *args, timeout=120, NETRC=str(tmp_path / "none"))
@@ -181,3 +182,8 @@ def test_sweep_runs_are_marked_preempting_on_the_requeue_signal(monkeypatch: pyt
     finally:
         signal.signal(signal.SIGUSR1, original)
     assert calls == ["preempting", "lightning requeue"]
+
+
+def test_a_run_stopped_mid_epoch_by_max_steps_finishes_and_logs():
+    results = train.main(QUICK + ["--trainer.max_steps=5"])  # 20 steps per epoch: stops before any validation
+    assert 0 <= results["test/acc"] <= 1 and Path(results["run_dir"], "checkpoints", "last.ckpt").is_file()
