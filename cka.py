@@ -5,25 +5,16 @@ Linear CKA (Kornblith et al. 2019), RBF CKA with the reference notebook's median
 ``Metric`` that sums over DDP ranks. Depends on torch, torchmetrics and (for the heatmap only) matplotlib.
 
     python -c "import torch, cka; x = torch.randn(500, 64); print(cka.linear_cka(x, x @ torch.randn(64, 32)))"
-    python -c "import torch, cka; xs = [torch.randn(256, 3, 8, 8), torch.randn(256, 10)]; print(cka.cka_matrix(xs, xs))"
-    python -m pytest tests/test_cka.py -q
-    python benchmarks/cka.py --quick
+    python -c "import torch, cka; xs = [torch.randn(256, 3, 8, 8), torch.randn(256, 10)]; print(cka.cka_matrix(xs))"
+    python -m pytest tests/test_cka.py -q && python benchmarks/cka.py --quick
 
-Validation-loop use (states live on the model's device and are summed across ranks by ``compute()``)::
+In a validation loop: ``metric = MinibatchCKA(len(names))``; ``with LayerRecorder(model, names) as rec:`` run each
+batch, ``metric.update(rec.collect())``; then ``plot_cka_heatmap(metric.compute(), names, names, path="cka.png")``.
 
-    metric = MinibatchCKA(num_layers_x=len(names))               # ys=None: compare the model with itself
-    with LayerRecorder(model, names) as rec:
-        for x, _ in loader:
-            model(x)
-            metric.update(rec.collect())
-    matrix = metric.compute(); metric.reset()
-    plot_cka_heatmap(matrix, names, names, path="cka.png")
-
-Numerics: inputs are flattened to (n, features), upcast from fp16/bf16 to float32 (float64 stays float64) and centred
-before any product, all under disabled autocast and forced IEEE fp32 matmuls (no TF32 / bf16 shortcuts). Products use
-the feature form (X'Y, n*p*q flops) when it is cheaper than the Gram form (XX', n^2*p flops); HSIC terms are combined
-in float64 because the unbiased estimator subtracts nearly equal terms. No ``.item()`` / host syncs except the RBF
-median on CPU tensors (numpy, no device involved). Results carry no gradient (inputs are detached).
+Numerics: activations are flattened to (n, features), upcast from fp16/bf16 to float32 (float64 stays float64) and
+centred before any product, under disabled autocast and IEEE fp32 matmuls (no TF32/bf16), in the feature form (X'Y)
+or the Gram form (XX', upper blocks only), whichever is cheaper; HSIC terms are summed in float64. No host syncs
+(``.item()``), so it stays cheap on a GPU. Results carry no gradient.
 """
 
 from __future__ import annotations
@@ -46,25 +37,16 @@ __all__ = ["LayerRecorder", "MinibatchCKA", "cka_matrix", "debiased_cka", "linea
 
 @contextlib.contextmanager
 def _exact(device: torch.device) -> Iterator[None]:
-    """Disable autocast and TF32/bf16 fp32-matmul shortcuts for our products, restoring the caller's settings.
-
-    TF32 (cuBLAS) or bf16 (oneDNN after ``set_float32_matmul_precision("medium")``) keeps 10 or 7 mantissa bits and
-    puts ~1e-3 relative error into a Gram matrix. Only the per-backend new-style flag is touched when it exists:
-    mixing it with the legacy ``allow_tf32`` makes torch raise on later reads. Process-global, like torch's own flags.
-    """
-    backends = [torch.backends.cuda.matmul, getattr(torch.backends.mkldnn, "matmul", None)]
+    """Disable autocast and TF32/bf16 fp32-matmul shortcuts (10/7 mantissa bits: ~1e-3 error in a Gram), then
+    restore the caller's flags. Only the new per-backend flag is touched where it exists: mixing it with the legacy
+    ``allow_tf32`` makes torch raise on later reads. Process-global, like torch's own flags."""
     saved: list[tuple[object, str, object]] = []
-    for backend in backends:
-        if backend is None:
-            continue
-        try:
-            saved.append((backend, "fp32_precision", backend.fp32_precision))
-            backend.fp32_precision = "ieee"
-        except (AttributeError, RuntimeError):  # torch < 2.9: only the legacy switch exists
-            if hasattr(backend, "allow_tf32"):
-                saved.append((backend, "allow_tf32", backend.allow_tf32))
-                backend.allow_tf32 = False
-    available = getattr(torch.amp, "is_autocast_available", lambda _: device.type in ("cpu", "cuda"))
+    for backend in filter(None, (torch.backends.cuda.matmul, getattr(torch.backends.mkldnn, "matmul", None))):
+        # torch < 2.9 has neither fp32_precision nor torch.backends.mkldnn.matmul, only cuBLAS's allow_tf32
+        name, value = ("fp32_precision", "ieee") if hasattr(backend, "fp32_precision") else ("allow_tf32", False)
+        saved.append((backend, name, getattr(backend, name)))
+        setattr(backend, name, value)
+    available = getattr(torch.amp, "is_autocast_available", lambda kind: kind in ("cpu", "cuda"))
     autocast = torch.autocast(device.type, enabled=False) if available(device.type) else contextlib.nullcontext()
     try:
         with autocast, torch.no_grad():
@@ -74,152 +56,152 @@ def _exact(device: torch.device) -> Iterator[None]:
             setattr(backend, name, value)
 
 
-def _dtype(tensors: Sequence[Tensor]) -> torch.dtype:
-    # Never fp16/bf16: float64 if any input is float64, else float32 (exact enough once features are centred).
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-def _acc(device: torch.device) -> torch.dtype:
-    return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
-
-
 def _centred(x: Tensor, dtype: torch.dtype) -> Tensor:
     x = x.detach().reshape(x.shape[0], -1).to(dtype)
     return x - x.mean(0, keepdim=True)  # centring first keeps float32 Grams accurate and makes K = HKH exact
 
 
 def _check(xs: Sequence[Tensor], ys: Sequence[Tensor], debiased: bool) -> int:
-    if len(xs) == 0 or len(ys) == 0:
-        raise ValueError("need at least one activation tensor on each side")
     sizes = {t.shape[0] if t.dim() else 0 for t in [*xs, *ys]}
-    if len(sizes) != 1:
-        raise ValueError(f"all activations must have the same number of samples (dim 0), got sizes {sorted(sizes)}")
-    n = sizes.pop()
-    if debiased and n < 4:
-        raise ValueError(f"debiased CKA needs at least 4 samples per batch, got {n}: "
-                         "use a larger validation batch_size")
+    if len(xs) == 0 or len(ys) == 0 or len(sizes) != 1:
+        raise ValueError(f"need activations on both sides, all with the same number of samples; got sizes {sizes}")
+    if (n := sizes.pop()) < 4 and debiased:
+        raise ValueError(f"debiased CKA needs at least 4 samples per batch, got {n}: use a larger validation "
+                         "batch_size")
     if n < 2:
         raise ValueError(f"CKA needs at least 2 samples, got {n}")
     return n
 
 
-def _layout(m: int) -> list[tuple[int, int, int, int, int, float]]:
-    """Upper-triangular blocks (s0, s1, t0, t1, offset, weight) of a symmetric m x m product, packed in a vector.
-
-    A symmetric product needs only its upper blocks: with 8 row blocks that is 36 of 64 block products (~0.6 of the
-    time of a full GEMM), and <A, B> of two such matrices is the weighted sum of their blocks' inner products.
-    """
-    k = min(8, -(-m // 256))
-    cut = [round(i * m / k) for i in range(k + 1)]
-    blocks, offset = [], 0
-    for i, j in [(i, i) for i in range(k)] + [(i, j) for i in range(k) for j in range(i + 1, k)]:
+def _layout(m: int, cpu: bool) -> list[tuple[int, int, int, int, int, float]]:
+    """Upper blocks (s0, s1, t0, t1, offset, weight) of a symmetric m x m product, packed in a vector: k(k+1)/2 of
+    the k^2 block products (~0.6 of a full GEMM's time); <A, B> is the weighted sum of the blocks' inner products.
+    CPU blocks of 64..256 rows keep BLAS efficient and float32 sums short; GPU blocks of >= 1024 rows keep kernels
+    few and large (one block up to n = 1024)."""
+    size = -(-m // 8 // 64) * 64  # ~8 blocks, multiples of 64 rows
+    size = max(64 if m <= 256 else 128, min(256, size)) if cpu else max(1024, size)
+    cut = [*range(0, m, size), m]
+    k, blocks, offset = len(cut) - 1, [], 0
+    for i, j in [(b, b) for b in range(k)] + [(a, b) for a in range(k) for b in range(a + 1, k)]:
         blocks.append((cut[i], cut[i + 1], cut[j], cut[j + 1], offset, 1.0 if i == j else 2.0))
         offset += (cut[i + 1] - cut[i]) * (cut[j + 1] - cut[j])
     return blocks
 
 
-def _sym_product(a: Tensor, layout: list, acc: torch.dtype, out: Tensor | None, zero_diag: bool) -> tuple[Tensor, Tensor]:
-    """Upper blocks of a @ a.T (into the packed ``out`` if given); returns its diagonal and sum of squares."""
-    diag, sumsq = a.new_empty(a.shape[0]), []
-    for s0, s1, t0, t1, offset, weight in layout:
-        dst = None if out is None else out[offset:offset + (s1 - s0) * (t1 - t0)].view(s1 - s0, t1 - t0)
-        block = torch.mm(a[s0:s1], a[t0:t1].T, out=dst)
-        if s0 == t0:
-            diag[s0:s1] = block.diagonal()
-            if zero_diag:  # K~: zeroing (not subtracting) the diagonal avoids cancellation when p >> n
-                block.diagonal().zero_()
+def _sumsq(a: Tensor, layout: list, acc: torch.dtype, zero_diag: bool) -> Tensor:
+    """||a a'||_F^2 (without its diagonal if zero_diag) from the upper blocks of a a' only."""
+    parts = []
+    for s0, s1, t0, t1, _, weight in layout:
+        block = a[s0:s1] @ a[t0:t1].T
+        if zero_diag and s0 == t0:
+            block.diagonal().zero_()
         # Row-wise dots then a float64 sum: one float32 dot over millions of entries is off by ~1e-4.
-        sumsq.append(torch.einsum("ij,ij->i", block, block).sum(dtype=acc) * weight)
-    return diag, torch.stack(sumsq).sum()
+        parts.append(torch.einsum("ij,ij->i", block, block).sum(dtype=acc) * weight)
+    return torch.stack(parts).sum()
+
+
+def _gram_form(n: int, wx: list[int], wy: list[int]) -> bool:
+    """Whether the Gram form (~0.6 n^2 p per layer + n^2/2 per pair) needs fewer multiply-adds than the feature form
+    (n p q per pair + ~0.6 n p min(n, p) per layer). Counted as if xs and ys differ, so the same activations given as
+    ys=None or as a copy take the same path and give bit-identical results."""
+    gram = 0.6 * n * n * (sum(wx) + sum(wy)) + n * n / 2 * (len(wx) * len(wy) + len(wx) + len(wy))
+    return gram < n * sum(wx) * sum(wy) + sum(0.6 * n * p * min(n, p) for p in wx + wy)
 
 
 def _hsic_parts(xs: Sequence[Tensor], ys: Sequence[Tensor] | None) -> tuple[int, list[Tensor], list[Tensor]]:
-    """Sufficient statistics of the linear-kernel HSIC for every layer pair, from centred features.
-
-    Returns n, [t, r, sx, sy] for the cross pairs and [txx, rxx, tyy, ryy] for the self pairs, where for Grams
-    K = XX', L = YY' (row sums are 0 after centring) with diagonals d, e and zero-diagonal K~, L~:
-    t = tr(K~L~) (elementwise sum, never a product of n x n matrices), r = d.e = 1'K~L~1 (a dot of row sums, since
-    K~1 = -d) and s = sum(d) = -1'K~1. Every estimator below is a closed form in these.
-    """
+    """Sufficient statistics of the linear-kernel HSIC of every layer pair. With Grams K = XX', L = YY' of centred
+    features (row sums 0), diagonals d, e and zero-diagonal K~, L~: n, [t, r, sx, sy] (cross pairs) and [txx, rxx,
+    tyy, ryy] (self pairs), where t = tr(K~L~) (an elementwise sum, never an n x n product), r = d.e = 1'K~L~1 (a dot
+    of row sums, as K~1 = -d) and s = sum(d) = -1'K~1."""
     same = ys is None or ys is xs
-    ys = xs if ys is None else ys
-    n = _check(xs, ys, debiased=False)
-    dtype, acc = _dtype([*xs, *ys]), _acc(xs[0].device)
+    n = _check(xs, xs if same else ys, debiased=False)
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in [*xs, *(ys or [])]) else torch.float32  # no fp16
+    dev, acc = xs[0].device, torch.float32 if xs[0].device.type == "mps" else torch.float64  # MPS has no float64
     fx = [_centred(x, dtype) for x in xs]
     fy = fx if same else [_centred(y, dtype) for y in ys]
-    px, qy = [f.shape[1] for f in fx], [f.shape[1] for f in fy]
-    # Multiply-adds of both forms: Gram form ~0.6 n^2 p per layer (packed) + n^2/2 per pair, feature form n p q per
-    # pair + min(n, p) n p per layer for the self terms.
-    sides = [px] if same else [px, qy]
-    gram_cost = sum(0.6 * n * n * sum(w) for w in sides) + n * n / 2 * len(px) * len(qy)
-    feature_cost = n * sum(px) * sum(qy) + sum(0.6 * n * p * min(n, p) for w in sides for p in w)
-    gram_form = gram_cost < feature_cost
-    layout = _layout(n)
-    packed = layout[-1][4] + (layout[-1][1] - layout[-1][0]) * (layout[-1][3] - layout[-1][2])
+    wx, wy = [f.shape[1] for f in fx], [f.shape[1] for f in fy]
+    cpu = dev.type == "cpu"
+    layout = _layout(n, cpu)  # the packed Grams' blocks
+    if _gram_form(n, wx, wy):  # packed zero-diagonal Grams, then every pair from one matmul per block
+        size = layout[-1][4] + (layout[-1][1] - layout[-1][0]) * (layout[-1][3] - layout[-1][2])
 
-    def layer_stats(fs: list[Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
-        grams = torch.empty(len(fs), packed, dtype=dtype, device=fs[0].device) if gram_form else None
-        d = torch.empty(len(fs), n, dtype=dtype, device=fs[0].device)
-        t_self = torch.empty(len(fs), dtype=acc, device=fs[0].device)
-        for i, f in enumerate(fs):  # a loop over layers (Gram/feature stats), never over pairs
-            if grams is not None or f.shape[1] >= n:
-                d[i], t_self[i] = _sym_product(f, layout, acc, None if grams is None else grams[i], zero_diag=True)
-            else:  # ||X'X||^2 = ||XX'||^2 = tr(K~K~) + |d|^2, the p x p product being the cheaper one
-                d[i] = f.square().sum(1)
-                t_self[i] = _sym_product(f.T, _layout(f.shape[1]), acc, None, False)[1] - d[i].to(acc).square().sum()
-        return d, t_self, grams
+        def grams(fs: list[Tensor]) -> tuple[Tensor, Tensor]:  # packed zero-diagonal Grams and their diagonals
+            g, d = torch.empty(len(fs), size, dtype=dtype, device=dev), torch.empty(len(fs), n, dtype=dtype, device=dev)
+            for i, f in enumerate(fs):  # loops over layers and row blocks, never over layer pairs
+                for s0, s1, t0, t1, o, _ in layout:
+                    block = torch.mm(f[s0:s1], f[t0:t1].T, out=g[i, o:o + (s1 - s0) * (t1 - t0)].view(s1 - s0, -1))
+                    if s0 == t0:
+                        d[i, s0:s1] = block.diagonal()
+                        block.diagonal().zero_()  # K~: zeroing, not subtracting, avoids cancellation when p >> n
+            return g, d
 
-    dx, txx, gx = layer_stats(fx)
-    dy, tyy, gy = (dx, txx, gx) if same else layer_stats(fy)
-    r = dx.to(acc) @ dy.to(acc).T
-    if gram_form:  # every pair at once from the stacked packed Grams, one matmul per block (float64 accumulation)
-        t = sum(weight * (gx[:, o:o + (s1 - s0) * (t1 - t0)] @ gy[:, o:o + (s1 - s0) * (t1 - t0)].T).to(acc)
-                for s0, s1, t0, t1, o, weight in layout)
+        def inner(a: Tensor, b: Tensor) -> Tensor:  # <A_i, B_j> for all i, j, one batched matmul per block
+            out = torch.zeros(len(a), len(b), dtype=acc, device=dev)
+            for s0, s1, t0, t1, o, w in layout:  # per-row float32 partials (short sums) added in float64:
+                rows = [g[:, o:o + (s1 - s0) * (t1 - t0)].view(len(g), s1 - s0, -1).transpose(0, 1) for g in (a, b)]
+                out += w * torch.bmm(rows[0], rows[1].transpose(1, 2)).sum(0, dtype=acc)  # a flat one is off ~1e-6
+            return out
+
+        gx, dx = grams(fx)
+        gy, dy = (gx, dx) if same else grams(fy)
+        t = inner(gx, gy)
+        txx = t.diagonal() if same else inner(gx, gx).diagonal()
+        tyy = txx if same else inner(gy, gy).diagonal()
     else:  # every pair from one cross-covariance X_cat'Y_cat: block sums of its squares are ||X_i'Y_j||^2
-        cat_x = torch.cat(fx, 1)
-        m = (cat_x.T @ (cat_x if same else torch.cat(fy, 1))).square_()
-        rows = torch.stack([b.sum(0, dtype=acc) for b in m.split(px)])
-        t = torch.stack([c.sum(1) for c in rows.split(qy, 1)], 1) - r
-    sx, sy = dx.sum(1, dtype=acc), dy.sum(1, dtype=acc)
-    return n, [t, r, sx, sy], [txx, dx.to(acc).square().sum(1), tyy, dy.to(acc).square().sum(1)]
+        dx = torch.stack([f.square().sum(1) for f in fx])
+        dy = dx if same else torch.stack([f.square().sum(1) for f in fy])
+        cat_x = torch.cat(fx, 1) if len(fx) > 1 else fx[0]  # (cat copies even a single tensor)
+        m = (cat_x.T @ (cat_x if same else torch.cat(fy, 1) if len(fy) > 1 else fy[0])).square_()
+        rows = torch.stack([b.sum(0, dtype=acc) for b in m.split(wx)])
+        t = torch.stack([c.sum(1) for c in rows.split(wy, 1)], 1) - dx.to(acc) @ dy.to(acc).T
+
+        def self_terms(fs: list[Tensor], d: Tensor) -> Tensor:  # tr(K~K~) = ||X'X||^2 - |d|^2, on the cheaper side
+            return torch.stack([_sumsq(f.T, _layout(f.shape[1], cpu), acc, False) - di.to(acc).square().sum()
+                                if f.shape[1] < n else _sumsq(f, layout, acc, True)
+                                for f, di in zip(fs, d, strict=True)])
+
+        txx = self_terms(fx, dx)
+        tyy = txx if same else self_terms(fy, dy)
+    dx, dy = dx.to(acc), dy.to(acc)
+    return n, [t, dx @ dy.T, dx.sum(1), dy.sum(1)], [txx, dx.square().sum(1), tyy, dy.square().sum(1)]
 
 
 def _hsic(n: int, t: Tensor, r: Tensor, sa: Tensor, sb: Tensor, debiased: bool) -> Tensor:
-    if not debiased:  # tr(KHLH) / (n-1)^2 with K = HKH for centred features
+    if not debiased:  # tr(KHLH) / (n-1)^2, and HKH = K for centred features
         return (t + r) / (n - 1) ** 2
     # Song et al. (2012): [tr(K~L~) + 1'K~1 1'L~1 / ((n-1)(n-2)) - 2/(n-2) 1'K~L~1] / (n(n-3))
     return (t + sa * sb / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * r) / (n * (n - 3))
 
 
-def _cka(xs: Sequence[Tensor], ys: Sequence[Tensor] | None, debiased: bool) -> Tensor:
-    _check(xs, xs if ys is None else ys, debiased)
-    with _exact(xs[0].device):
-        n, (t, r, sx, sy), (txx, rxx, tyy, ryy) = _hsic_parts(xs, ys)
-        hxy = _hsic(n, t, r, sx[:, None], sy[None, :], debiased)
-        hxx, hyy = _hsic(n, txx, rxx, sx, sx, debiased), _hsic(n, tyy, ryy, sy, sy, debiased)
-        return hxy / torch.sqrt(hxx[:, None] * hyy[None, :])
+def _hsics(xs: Sequence[Tensor], ys: Sequence[Tensor] | None, debiased: bool) -> tuple[Tensor, Tensor, Tensor]:
+    n, (t, r, sx, sy), (txx, rxx, tyy, ryy) = _hsic_parts(xs, ys)
+    return (_hsic(n, t, r, sx[:, None], sy[None, :], debiased), _hsic(n, txx, rxx, sx, sx, debiased),
+            _hsic(n, tyy, ryy, sy, sy, debiased))
 
 
 def cka_matrix(xs: Sequence[Tensor], ys: Sequence[Tensor] | None = None, debiased: bool = False) -> Tensor:
     """Linear CKA of every pair (xs[i], ys[j]) as a (len(xs), len(ys)) float64 tensor; ``ys=None`` means xs."""
-    return _cka(xs, ys, debiased)
+    _check(xs, xs if ys is None else ys, debiased)
+    with _exact(xs[0].device):
+        hxy, hxx, hyy = _hsics(xs, ys, debiased)
+        return hxy / torch.sqrt(hxx[:, None] * hyy[None, :])
 
 
 def linear_cka(x: Tensor, y: Tensor) -> Tensor:
     """Linear CKA of activations of shape (n, ...) (flattened to (n, features)); a 0-dim float64 tensor."""
-    return _cka([x], [y], debiased=False)[0, 0]
+    return cka_matrix([x], [y])[0, 0]
 
 
 def debiased_cka(x: Tensor, y: Tensor) -> Tensor:
     """Linear CKA from the unbiased HSIC estimator (Song et al. 2012); needs n >= 4. A 0-dim float64 tensor."""
-    return _cka([x], [y], debiased=True)[0, 0]
+    return cka_matrix([x], [y], debiased=True)[0, 0]
 
 
-def _median(v: Tensor) -> Tensor:
+def _median(v: Tensor, use_numpy: bool | None = None) -> Tensor:
     """``numpy.median`` of all entries (mean of the two middle values for an even count), without a device sync."""
     flat = v.reshape(-1)
     k_lo, k_hi = (flat.numel() - 1) // 2, flat.numel() // 2
-    if flat.device.type == "cpu":  # numpy's introselect is ~10x faster than torch.kthvalue on CPU
+    if flat.device.type == "cpu" if use_numpy is None else use_numpy:  # numpy's select: ~10x torch.kthvalue on CPU
         import numpy as np
 
         return torch.from_numpy(np.partition(flat.numpy(), [k_lo, k_hi])[[k_lo, k_hi]]).mean()
@@ -243,22 +225,20 @@ def rbf_cka(x: Tensor, y: Tensor, sigma_frac: float = 0.5) -> Tensor:
         raise ValueError(f"sigma_frac must be positive, got {sigma_frac}")
     _check([x], [y], debiased=False)
     with _exact(x.device):
-        dtype = _dtype([x, y])
-        kx, ky = (_centred_rbf_gram(_centred(a, dtype), sigma_frac).view(-1) for a in (x, y))
-        acc, n = _acc(x.device), x.shape[0]  # row-wise dots, float64 sum (a flat float32 dot is off by ~1e-4)
-        xy, xx, yy = (torch.einsum("ij,ij->i", a.view(n, n), b.view(n, n)).sum(dtype=acc)
-                      for a, b in ((kx, ky), (kx, kx), (ky, ky)))
-        return xy / torch.sqrt(xx * yy)
+        dtype = torch.float64 if torch.float64 in (x.dtype, y.dtype) else torch.float32
+        kx, ky = (_centred_rbf_gram(_centred(a, dtype), sigma_frac) for a in (x, y))
+        acc = torch.float32 if x.device.type == "mps" else torch.float64  # row dots summed in float64: one flat
+        xy, xx, yy = (torch.einsum("ij,ij->i", a, b).sum(dtype=acc) for a, b in ((kx, ky), (kx, kx), (ky, ky)))
+        return xy / torch.sqrt(xx * yy)  # float32 dot over n^2 entries is off by ~1e-4
 
 
 class MinibatchCKA(Metric):
     """Minibatch linear CKA (Nguyen, Raghu & Kornblith 2021, eq. 3) accumulated without storing activations.
 
-    Each ``update`` adds every layer pair's unbiased HSIC of that batch (normalised by its own n(n-3), so a ragged
-    last batch is weighted correctly) to float64 sums; ``compute()`` returns HSIC_xy / sqrt(HSIC_xx HSIC_yy) of the
-    sums as a (num_layers_x, num_layers_y) tensor, after summing the states across DDP ranks. Float64 states because
-    the sum runs over hundreds of batches and ranks and a batch's HSIC is a small difference of large terms; they
-    are a few hundred numbers, so the cost is nil (pass ``state_dtype=torch.float32`` on MPS).
+    ``update`` adds each layer pair's unbiased HSIC of one batch (normalised by its own n(n-3), so a ragged last batch
+    counts right) to sums; ``compute()`` sums them across DDP ranks and returns HSIC_xy / sqrt(HSIC_xx HSIC_yy) as a
+    (num_layers_x, num_layers_y) tensor. States are float64: the sums run over many batches and ranks and a batch's
+    HSIC is a small difference of large terms, yet they are a few hundred numbers (MPS: ``state_dtype=float32``).
     """
 
     is_differentiable = False
@@ -284,55 +264,46 @@ class MinibatchCKA(Metric):
         return this
 
     def update(self, xs: Sequence[Tensor], ys: Sequence[Tensor] | None = None) -> None:
-        """Add one batch: xs/ys are lists of activations (n, ...) of the same n samples; ys=None means ys = xs."""
-        if len(xs) != self.num_layers_x or (ys if ys is not None else xs).__len__() != self.num_layers_y:
+        """Add one batch: lists of activations (n, ...) of the same n samples; ``ys=None`` compares xs with xs."""
+        if (len(xs), len(xs if ys is None else ys)) != (self.num_layers_x, self.num_layers_y):
             raise ValueError(f"expected {self.num_layers_x} x-layers and {self.num_layers_y} y-layers, got "
-                             f"{len(xs)} and {len(ys if ys is not None else xs)}")
+                             f"{len(xs)} and {len(xs if ys is None else ys)}")
         _check(xs, xs if ys is None else ys, debiased=True)
         with _exact(xs[0].device):
-            n, (t, r, sx, sy), (txx, rxx, tyy, ryy) = _hsic_parts(xs, ys)
-            self.hsic_xy += _hsic(n, t, r, sx[:, None], sy[None, :], True).to(self.state_dtype)
-            self.hsic_xx += _hsic(n, txx, rxx, sx, sx, True).to(self.state_dtype)
-            self.hsic_yy += _hsic(n, tyy, ryy, sy, sy, True).to(self.state_dtype)
+            for state, value in zip((self.hsic_xy, self.hsic_xx, self.hsic_yy), _hsics(xs, ys, True), strict=True):
+                state += value.to(self.state_dtype)  # in place: the registered states themselves
 
     def compute(self) -> Tensor:
         return self.hsic_xy / torch.sqrt(self.hsic_xx[:, None] * self.hsic_yy[None, :])
 
 
 class LayerRecorder:
-    """Context manager recording the outputs of named submodules (names as in ``model.named_modules()``).
-
-    ``with LayerRecorder(model, ["layer1", "fc"]) as rec: model(x); acts = rec.collect()`` gives the detached outputs
-    (first element of a tuple output) of the last forward, in the order of ``names``. Hooks are removed on exit.
-    """
+    """``with LayerRecorder(model, ["layer1", "fc"]) as rec: model(x); acts = rec.collect()``: the detached outputs
+    (first element of a tuple) of the named submodules (as in ``model.named_modules()``) in the last forward, in the
+    order of ``names``. Forward hooks are removed on exit."""
 
     _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
     def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
         modules = dict(model.named_modules())
-        unknown = [name for name in names if name not in modules]
-        if unknown:
+        if unknown := [name for name in names if name not in modules]:
             valid = [k for k, m in modules.items() if k and not isinstance(m, self._CONTAINERS)]
             raise ValueError(f"unknown layer name(s) {unknown}; valid names: {valid}")
-        containers = [name for name in names if isinstance(modules[name], self._CONTAINERS)]
-        if containers:
+        if containers := [name for name in names if isinstance(modules[name], self._CONTAINERS)]:
             raise ValueError(f"layer(s) {containers} are containers (Sequential/ModuleList/ModuleDict) whose output "
                              "is just their last child's (or that have no forward): name a child module instead")
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate layer names in {list(names)}")
-        self.names = list(names)
-        self._modules = [modules[name] for name in self.names]
+        self.names, self._modules = list(names), [modules[name] for name in names]  # fail here, not mid-epoch
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self.activations: dict[str, Tensor] = {}
 
     def _hook(self, name: str) -> Callable[[nn.Module, object, object], None]:
         def hook(module: nn.Module, args: object, output: object) -> None:
-            if isinstance(output, (tuple, list)):
-                output = output[0]
+            output = output[0] if isinstance(output, (tuple, list)) else output
             if not isinstance(output, Tensor):
                 raise TypeError(f"layer {name!r} returned {type(output).__name__}, not a tensor (or tuple of them)")
             self.activations[name] = output.detach()
-
         return hook
 
     def __enter__(self) -> LayerRecorder:
@@ -344,13 +315,11 @@ class LayerRecorder:
     def __exit__(self, *exc: object) -> None:
         for handle in self._handles:
             handle.remove()
-        self._handles = []
-        self.activations = {}
+        self._handles, self.activations = [], {}
 
     def collect(self) -> list[Tensor]:
         """The recorded activations in ``names`` order; clears them so a stale batch is never returned twice."""
-        missing = [name for name in self.names if name not in self.activations]
-        if missing:
+        if missing := [name for name in self.names if name not in self.activations]:
             raise RuntimeError(f"no output recorded for layer(s) {missing}: did the forward pass run through them?")
         out, self.activations = [self.activations[name] for name in self.names], {}
         return out
@@ -359,10 +328,8 @@ class LayerRecorder:
 def plot_cka_heatmap(matrix: Tensor, x_names: Sequence[str], y_names: Sequence[str], path: str | None = None,
                      title: str = "CKA") -> Figure:
     """Heatmap of ``matrix[i, j]`` = CKA(x_names[i], y_names[j]) (rows on the vertical axis); returns the Figure.
-
-    Uses the Agg canvas directly (no pyplot, never a display). With ``path`` the PNG is written to a temporary file
-    in the same directory and renamed, so a reader never sees a half-written image.
-    """
+    Uses the Agg canvas directly (no pyplot, never a display). With ``path`` the PNG goes to a temporary file in the
+    same directory, then is renamed, so a reader never sees a half-written image."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -373,16 +340,13 @@ def plot_cka_heatmap(matrix: Tensor, x_names: Sequence[str], y_names: Sequence[s
     fig = Figure(figsize=(max(4.0, 0.6 * cols + 2.5), max(3.5, 0.5 * rows + 2.0)), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    image = ax.imshow(values, vmin=0.0, vmax=1.0, cmap="magma", origin="lower", aspect="auto")
-    fig.colorbar(image, ax=ax, label="CKA")
+    fig.colorbar(ax.imshow(values, vmin=0.0, vmax=1.0, cmap="magma", origin="lower", aspect="auto"), ax=ax, label="CKA")
     ax.set_xticks(range(cols), labels=list(y_names), rotation=45, ha="right")
     ax.set_yticks(range(rows), labels=list(x_names))
     ax.set_title(title)
-    if rows <= 12 and cols <= 12:  # annotations stay readable only on small matrices
-        for i in range(rows):
-            for j in range(cols):
-                v = values[i, j]
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8, color="black" if v > 0.6 else "white")
+    for i, j in [(i, j) for i in range(rows) for j in range(cols)] if rows <= 12 and cols <= 12 else []:
+        ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=8,  # readable on small matrices
+                color="black" if values[i, j] > 0.6 else "white")
     if path is not None:
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
