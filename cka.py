@@ -7,6 +7,7 @@ Linear CKA (Kornblith et al. 2019), RBF CKA with the reference notebook's median
     python -c "import torch, cka; x = torch.randn(500, 64); print(cka.linear_cka(x, x @ torch.randn(64, 32)))"
     python -c "import torch, cka; xs = [torch.randn(256, 3, 8, 8), torch.randn(256, 10)]; print(cka.cka_matrix(xs))"
     python -m pytest tests/test_cka.py -q && python benchmarks/cka.py --quick
+    python cka.py runs/A/checkpoints/last.ckpt runs/B/checkpoints/last.ckpt --out heatmap.png   # two trained models
 
 In a validation loop: ``metric = MinibatchCKA(len(names))``; ``with LayerRecorder(model, names) as rec:`` run each
 batch, ``metric.update(rec.collect())``; then ``plot_cka_heatmap(metric.compute(), names, names, path="cka.png")``.
@@ -19,8 +20,11 @@ or the Gram form (XX', upper blocks only), whichever is cheaper; HSIC terms are 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import importlib
 import os
+import sys
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
@@ -359,3 +363,68 @@ def plot_cka_heatmap(matrix: Tensor, x_names: Sequence[str], y_names: Sequence[s
             os.unlink(tmp)
             raise
     return fig
+
+
+def _load(checkpoint: str, key: str) -> object:
+    """Rebuild the model or DataModule of a template checkpoint from the class path that train.py's CKAMonitor
+    stores in it (so this file needs no import of the project's modules)."""
+    paths = torch.load(checkpoint, map_location="cpu", weights_only=True).get("class_paths", {})
+    if key not in paths:
+        raise ValueError(f"{checkpoint} names no {key} class: use a checkpoint written by train.py")
+    module, _, name = paths[key].rpartition(".")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the template's modules live beside this file
+    return getattr(importlib.import_module(module), name).load_from_checkpoint(checkpoint, map_location="cpu")
+
+
+def compare_checkpoints(ckpt_a: str, ckpt_b: str, out: str, layers: list[str] | None = None,
+                        data_dir: str | None = None) -> Tensor:
+    """Minibatch CKA between the layers of two trained models over A's validation data; writes the heatmap."""
+    model_a, model_b = (_load(path, "model").eval() for path in (ckpt_a, ckpt_b))
+    data = _load(ckpt_a, "datamodule")
+    if data_dir is not None:
+        data.hparams.data_dir = data_dir
+    names = layers or list(getattr(model_a, "cka_layers", []))
+    if not names:
+        raise ValueError("the model has no cka_layers property: name the layers with --layers")
+    data.prepare_data()
+    data.setup("validate")
+    metric = MinibatchCKA(len(names))
+    with LayerRecorder(model_a, names) as rec_a, LayerRecorder(model_b, names) as rec_b, torch.no_grad():
+        for x, *_ in data.val_dataloader():
+            model_a(x)
+            model_b(x)
+            acts_a, acts_b = rec_a.collect(), rec_b.collect()
+            if len(x) >= 4:  # the unbiased estimator's minimum; only a tiny ragged last batch is left out
+                metric.update(acts_a, acts_b)
+    matrix = metric.compute()
+    title = f"CKA: {os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(ckpt_a))))} vs " \
+            f"{os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(ckpt_b))))}"
+    plot_cka_heatmap(matrix, [f"A {n}" for n in names], [f"B {n}" for n in names], path=out, title=title).clear()
+    return matrix
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Compare the layers of two trained checkpoints by minibatch CKA.")
+    parser.add_argument("ckpt_a")
+    parser.add_argument("ckpt_b")
+    parser.add_argument("--out", default="cka_heatmap.png", help="PNG to write")
+    parser.add_argument("--layers", nargs="+", help="module names (default: the model's cka_layers)")
+    parser.add_argument("--data_dir", help="where the validation data lives, if not where A was trained")
+    args = parser.parse_args(argv)
+    for path in (args.ckpt_a, args.ckpt_b):
+        if not os.path.isfile(path):
+            print(f"error: checkpoint {path} does not exist", file=sys.stderr)
+            return 2
+    try:
+        matrix = compare_checkpoints(args.ckpt_a, args.ckpt_b, args.out, args.layers, args.data_dir)
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"CKA (rows: layers of A, columns: layers of B), heatmap written to {args.out}")
+    for row in matrix.tolist():
+        print("  ".join(f"{value:.4f}" for value in row))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -110,17 +110,23 @@ class CKAMonitor(pl.Callback):
     layers with the reference's on the same batches. It writes the model and DataModule class paths into every
     checkpoint, so `python cka.py CKPT_A CKPT_B` can rebuild both without knowing this file.
 
+    The defaults keep it cheap enough to leave on (benchmarks/cka_validation.py): a few batches estimate the
+    matrix well, and a heatmap costs ~0.1 s to draw, so it runs every 5th epoch on the first 8 batches.
+
     Args:
         layers: module names as in `model.named_modules()`; containers (Sequential, ModuleList) are rejected.
         reference_checkpoint: path of a checkpoint to compare against, or None.
-        every_n_epochs: compute every n-th validation epoch; 0 turns CKA off.
+        every_n_epochs: compute every n-th training epoch's validation (always in `trainer.validate`); 0: off.
+        max_batches: validation batches per computation (None: all of them).
     """
 
     def __init__(self, layers: list[str] | None = None, reference_checkpoint: str | None = None,
-                 every_n_epochs: int = 1) -> None:
+                 every_n_epochs: int = 5, max_batches: int | None = 8) -> None:
         self.layers, self.reference_checkpoint, self.every_n_epochs = layers, reference_checkpoint, every_n_epochs
+        self.max_batches = max_batches
         self.reference: pl.LightningModule | None = None
         self.recorders: list[LayerRecorder] = []
+        self.batches = 0
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.every_n_epochs <= 0:
@@ -139,8 +145,14 @@ class CKAMonitor(pl.Callback):
             self.cross_cka = MinibatchCKA(len(self.names))
 
     def _due(self, trainer: pl.Trainer) -> bool:
-        return (self.every_n_epochs > 0 and not trainer.sanity_checking
-                and (trainer.current_epoch + 1) % self.every_n_epochs == 0)
+        if self.every_n_epochs <= 0 or trainer.sanity_checking:
+            return False
+        return trainer.state.fn != "fit" or (trainer.current_epoch + 1) % self.every_n_epochs == 0
+
+    def _stop_recording(self) -> None:
+        for recorder in self.recorders:
+            recorder.__exit__(None, None, None)
+        self.recorders = []
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._due(trainer):
@@ -167,13 +179,13 @@ class CKAMonitor(pl.Callback):
                 self.reference(batch[0])  # the reference sees the same inputs as the model
             self.cross_cka.update(acts, self.recorders[1].collect())
         self.batches += 1
+        if self.max_batches is not None and self.batches >= self.max_batches:
+            self._stop_recording()  # enough for this epoch: the remaining batches run without hooks
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.recorders:
+        if not self._due(trainer):
             return
-        for recorder in self.recorders:
-            recorder.__exit__(None, None, None)
-        self.recorders = []
+        self._stop_recording()
         if self.skipped:
             rank_zero_warn(f"CKA skipped {self.skipped} validation batch(es) of fewer than 4 samples")
         if self.batches == 0:
