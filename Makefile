@@ -47,6 +47,8 @@ lint: env
 
 bench: env
 	$(PY) benchmarks/overhead.py
+	$(PY) benchmarks/data.py
+	$(PY) benchmarks/cka_validation.py
 
 clean-env:
 	rm -rf $(VENV) $(VENV).lock

@@ -316,20 +316,22 @@ def keep_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, 
 class EpochShuffleSampler(RandomSampler):
     """A new permutation every epoch that depends only on (seed, epoch), not on the global RNG.
 
-    So a run resumed from a checkpoint sees exactly the batches an uninterrupted run would. It subclasses
-    RandomSampler so that under DDP Lightning swaps it for its DistributedSampler, which is seeded the same way.
+    So a run resumed from a checkpoint sees exactly the batches an uninterrupted run would; `skip` drops the
+    start of the next pass, for a run resumed mid-epoch. It subclasses RandomSampler so that under DDP Lightning
+    swaps it for its DistributedSampler, which is seeded the same way (but restarts an interrupted epoch).
     """
 
     def __init__(self, data_source: Dataset, seed: int) -> None:
         super().__init__(data_source)
-        self.seed, self.epoch = seed, 0
+        self.seed, self.epoch, self.skip = seed, 0, 0
 
     def set_epoch(self, epoch: int) -> None:  # Lightning calls this at the start of every epoch
         self.epoch = epoch
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(len(self.data_source), generator=generator).tolist())
+        order, self.skip = torch.randperm(len(self.data_source), generator=generator)[self.skip:], 0
+        return iter(order.tolist())
 
 
 class DataModule(pl.LightningDataModule):
@@ -409,7 +411,15 @@ class DataModule(pl.LightningDataModule):
                           persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        loader = self._loader("train", shuffle=True)
+        trainer = self.trainer
+        if trainer is not None and trainer.fit_loop.restarting:
+            # Resumed from a checkpoint taken mid-epoch (a requeued SLURM job): Lightning restores the loop's
+            # position, so continue this epoch's order after the batches it had already trained on.
+            done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+            loader.sampler.set_epoch(trainer.current_epoch)
+            loader.sampler.skip = done * self.hparams.batch_size
+        return loader
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)

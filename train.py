@@ -157,8 +157,8 @@ class LogLineProgress(ProgressBar):
 class ResumeRNGState(Callback):
     """Saves the random number generators' states in every checkpoint and puts them back when training resumes,
     so a resumed run draws the same dropout masks and loader seeds as an uninterrupted one (Lightning restores
-    weights, optimizer and loops, but not these). Applied when the next epoch starts, after the sanity check.
-    The DataModule's loaders have their own generators, so only the model draws from these."""
+    weights, optimizer and loops, but not these). Applied when training starts, after the sanity check; the
+    DataModule's loaders have their own generators, so only training steps draw from these."""
 
     def __init__(self) -> None:
         self.pending: dict[str, Any] | None = None
@@ -174,7 +174,7 @@ class ResumeRNGState(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.pending = state_dict
 
-    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.pending is None:
             return
         torch.set_rng_state(self.pending["torch"])
@@ -186,25 +186,32 @@ class ResumeRNGState(Callback):
         self.pending = None
 
 
-class MarkSweepRunPreempting(Callback):
-    """In a wandb sweep, a run stopped by SLURM's requeue signal (SIGUSR1) is marked as preempting, so the sweep
-    hands its config to an agent again instead of counting it as crashed. Wraps the handler that Lightning
-    installs for auto-requeue (which checkpoints and requeues); Lightning restores the original on teardown."""
+class RequeueAtBatchBoundary(Callback):
+    """SLURM's requeue signal (SIGUSR1), handled between two training batches. Lightning's handler saves the
+    hpc checkpoint and requeues the job at once, possibly halfway through an optimizer step; run at a batch
+    boundary instead, it saves weights, loop position, data position and RNG states that agree, so the
+    requeued run continues exactly. In a wandb sweep the run is also marked as preempting, so the sweep hands
+    it to an agent again instead of counting it as crashed. Lightning restores the original handler on teardown."""
+
+    def __init__(self) -> None:
+        self.pending: tuple[Any, Any] | None = None
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not (os.environ.get("WANDB_SWEEP_ID") and trainer.is_global_zero and hasattr(signal, "SIGUSR1")):
-            return
-        lightning_handler = signal.getsignal(signal.SIGUSR1)
+        self.lightning_handler = signal.getsignal(signal.SIGUSR1) if hasattr(signal, "SIGUSR1") else None
+        if callable(self.lightning_handler):
+            signal.signal(signal.SIGUSR1, lambda signum, frame: setattr(self, "pending", (signum, frame)))
 
-        def handler(signum: int, frame: Any) -> None:
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.pending is None:
+            return
+        signum, frame = self.pending
+        self.pending = None
+        if os.environ.get("WANDB_SWEEP_ID") and trainer.is_global_zero:
             import wandb
 
             if wandb.run is not None:
                 wandb.run.mark_preempting()
-            if callable(lightning_handler):
-                lightning_handler(signum, frame)
-
-        signal.signal(signal.SIGUSR1, handler)
+        self.lightning_handler(signum, frame)
 
 
 def git_commit() -> str:
@@ -292,7 +299,7 @@ class TrainCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer_config = self._get(self.config_init, "trainer", default={})
         callbacks = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
-        callbacks += [ResumeRNGState(), MarkSweepRunPreempting()]
+        callbacks += [ResumeRNGState(), RequeueAtBatchBoundary()]
         for callback in callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
                 callback.dirpath = str(self.run_dir / "checkpoints")
@@ -306,7 +313,13 @@ class TrainCLI(LightningCLI):
                 tags=options.tags or None, save_dir=str(self.run_dir), id=wandb_run_id(self.run_dir),
                 resume="allow", mode=wandb_mode(options.mode), settings=_wandb_settings(options.init_timeout))
         kwargs["default_root_dir"] = str(self.run_dir)
-        return self._instantiate_trainer({**trainer_config, **kwargs}, callbacks)
+        trainer = self._instantiate_trainer({**trainer_config, **kwargs}, callbacks)
+        tasks, devices = int(os.environ.get("SLURM_NTASKS", 1)), trainer.num_devices * trainer.num_nodes
+        if SLURMEnvironment.detect() and tasks != devices:  # each task would train alone, or DDP would hang
+            raise ValueError(f"SLURM started {tasks} tasks but the Trainer runs {trainer.num_devices} device(s) x "
+                             f"{trainer.num_nodes} node(s); Lightning needs one task per device: set --ntasks-per-node="
+                             f"{trainer.num_devices} --nodes={trainer.num_nodes} (or --trainer.devices)")
+        return trainer
 
 
 def _wandb_settings(init_timeout: float) -> Any:

@@ -1,0 +1,81 @@
+"""train.py under a real Slurm (the local one-node cluster): preemption and requeue, DDP over srun tasks."""
+
+from __future__ import annotations
+
+import glob
+import sys
+import time
+from pathlib import Path
+
+import torch
+from conftest import QUICK, REPO, run_script, script_env
+
+# 8-sample batches: ~160 steps per epoch, so a signal sent after the first epoch lands mid-training.
+ARGS = QUICK + ["--data.batch_size=8", "--trainer.max_epochs=5", "--model.dropout=0.3", "--early_stopping.patience=100",
+                "--cka.every_n_epochs=0"]
+
+
+def job_script(path: Path, sbatch: str, command: str) -> Path:
+    path.write_text(f"#!/bin/bash\n{sbatch}\n#SBATCH --output={path.parent}/job-%j.out\n#SBATCH --open-mode=append\n"
+                    f"srun {sys.executable} {REPO / 'train.py'} {command}\n")
+    return path
+
+
+def weights(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+
+
+def test_a_requeued_task_resumes_exactly_and_continues_its_wandb_run(slurm, tmp_path: Path):
+    run_dir = tmp_path / "preempted"
+    script = job_script(tmp_path / "job.sh", "#SBATCH --job-name=preempt\n#SBATCH --ntasks=1\n#SBATCH --requeue",
+                        " ".join(ARGS + [f"--run_dir={run_dir}"]))
+    job = slurm.sbatch(str(script), cwd=tmp_path, env=script_env())
+    deadline = time.monotonic() + 120
+    while not (run_dir / "checkpoints" / "last.ckpt").exists():  # the first epoch is done: now interrupt it
+        assert time.monotonic() < deadline, "the job never finished its first epoch"
+        time.sleep(0.05)
+    time.sleep(0.3)  # into the second epoch: the checkpoint must be taken mid-epoch
+    assert slurm.run("scancel", "--signal=USR1", job).returncode == 0
+    # Uninterrupted reference, meanwhile: same settings, one thread as in the job.
+    reference = run_script("train.py", *ARGS, f"--run_dir={tmp_path / 'uninterrupted'}", timeout=300)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    slurm.wait([job], timeout=240)
+    log = "".join(Path(p).read_text() for p in glob.glob(str(tmp_path / "job-*.out")))
+    assert slurm.job_field(job, "Restarts") == "1", log[-3000:]
+    hpc = glob.glob(str(run_dir / "hpc_ckpt_*.ckpt"))
+    assert hpc, "Lightning's requeue checkpoint is missing"
+    position = torch.load(hpc[0], map_location="cpu", weights_only=False)["loops"]["fit_loop"]
+    assert 0 < position["epoch_loop.batch_progress"]["current"]["completed"] < 158, "not taken mid-epoch"
+    assert "final metrics" in log
+    resumed, full = weights(run_dir), weights(tmp_path / "uninterrupted")
+    assert resumed["global_step"] == full["global_step"], (resumed["global_step"], full["global_step"])
+    for key, value in full["state_dict"].items():
+        assert torch.equal(value, resumed["state_dict"][key]), key
+    # One wandb run, continued: two offline segments under the same run id.
+    segments = glob.glob(str(run_dir / "wandb" / "offline-run-*"))
+    assert len(segments) == 2 and len({Path(p).name.rsplit("-", 1)[-1] for p in segments}) == 1, segments
+
+
+def test_ddp_over_two_srun_tasks_completes_a_fit(slurm, tmp_path: Path):
+    script = job_script(tmp_path / "ddp.sh", "#SBATCH --job-name=ddp\n#SBATCH --nodes=1\n#SBATCH --ntasks-per-node=2",
+                        " ".join(QUICK + ["--trainer.max_epochs=1", "--trainer.devices=2", "--trainer.accelerator=cpu",
+                                          "--trainer.strategy=ddp", f"--run_dir={tmp_path / 'ddp'}"]))
+    job = slurm.sbatch(str(script), cwd=tmp_path, env=script_env())
+    slurm.wait([job], timeout=180)
+    log = "".join(Path(p).read_text() for p in glob.glob(str(tmp_path / "job-*.out")))
+    assert slurm.job_field(job, "ExitCode") == "0:0", log[-3000:]
+    assert log.count("final metrics") == 1  # printed by rank 0 only
+    assert (tmp_path / "ddp" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_tasks_that_do_not_match_the_trainers_devices_fail_before_training(slurm, tmp_path: Path):
+    script = job_script(tmp_path / "bad.sh", "#SBATCH --job-name=mismatch\n#SBATCH --ntasks-per-node=2",
+                        " ".join(QUICK + ["--trainer.max_epochs=1", "--trainer.accelerator=cpu",
+                                          f"--run_dir={tmp_path / 'bad'}"]))
+    job = slurm.sbatch(str(script), cwd=tmp_path, env=script_env())
+    slurm.wait([job], timeout=120)
+    log = "".join(Path(p).read_text() for p in glob.glob(str(tmp_path / "job-*.out")))
+    assert slurm.job_field(job, "ExitCode") != "0:0"
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    assert errors and "ntasks-per-node" in errors[0], log[-3000:]
+    assert "Traceback" not in log and not (tmp_path / "bad" / "checkpoints").exists()
