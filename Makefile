@@ -49,6 +49,7 @@ bench: env
 	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/data.py
 	$(PY) benchmarks/cka_validation.py
+	$(PY) benchmarks/launch.py
 
 clean-env:
 	rm -rf $(VENV) $(VENV).lock

@@ -1,0 +1,394 @@
+"""Run a sweep's configs offline as ONE Slurm job array: one array task per config, one train.py run each.
+
+    python slurm_train.py --dry-run                          # check the grid, print the sbatch script and the runs
+    python slurm_train.py                                    # the grid of sweep.py's SWEEP_CONFIG, 4 rows at a time
+    python slurm_train.py --sample 20 --seed 0               # 20 seeded random draws instead of the grid
+    python slurm_train.py --max-concurrent 8 --time 02:00:00 --gpus-per-node 2 -- --trainer.max_epochs=5
+    python slurm_train.py --preset bede --account myproject  # cluster presets: hec, bede (check partition names)
+    python slurm_train.py --resume runs/grid-20260101-120000-abc123   # resubmit only the rows not finished
+    python slurm_train.py --local                            # no Slurm: the same rows as processes on this machine
+
+Everything comes from sweep.SWEEP_CONFIG (or --sweep-config FILE, JSON or YAML). Arguments after `--` are added to
+every row's train.py arguments. Each grid gets a new directory, runs/grid-<time>-<random>/, holding grid.json
+(every row's config and train.py argv), job.sbatch (the script submitted), row-<i>.out (each task's log) and
+row-<i>/ (that run's directory: config.yaml, checkpoints/, wandb/). A row is finished when row-<i>/done exists:
+the task writes it only after train.py exited 0, so a crashed, cancelled or preempted row is not finished and a
+requeued task resumes its own checkpoints. Every row is parsed as train.py would parse it before anything is
+written or submitted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any
+
+import sweep
+
+REPO_DIR = Path(__file__).resolve().parent
+# Partition names and limits change: check the cluster's documentation (`sinfo -s`). Same as sbatch_agent.sh.
+PRESETS: dict[str, dict[str, Any]] = {
+    "hec": {"partition": "gpu-short", "gres": True},  # Lancaster HEC: or gpu-medium / gpu-long
+    "bede": {"partition": "gpu", "gres": True, "mem": None, "needs_account": True},  # Bede: memory comes with GPUs
+}
+DEFAULTS: dict[str, Any] = {"nodes": 1, "gpus_per_node": 1, "cpus_per_task": 4, "mem": "16G", "time": "08:00:00"}
+RESOURCES = ["partition", "account", "nodes", "ntasks_per_node", "gpus_per_node", "cpus_per_task", "mem", "time"]
+
+
+class LaunchError(ValueError):
+    """A problem found before anything was written or submitted; the message is one line."""
+
+
+def load_sweep_config(path: str | None) -> dict[str, Any]:
+    if path is None:
+        return sweep.SWEEP_CONFIG
+    text = Path(path).read_text()
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        return yaml.safe_load(text)
+    return json.loads(text)
+
+
+def enumerate_rows(config: dict[str, Any], sample: int | None, seed: int) -> list[dict[str, Any]]:
+    try:
+        sweep.validate(config)
+        rows = sweep.random_configs(sample, seed, config) if sample else sweep.grid_configs(config)
+    except sweep.SweepConfigError as err:
+        raise LaunchError("the sweep config is invalid: " + "; ".join(str(err).splitlines())) from None
+    if not rows:
+        raise LaunchError("the sweep has no runs (a continuous parameter has no grid: use --sample N)")
+    return rows
+
+
+def _device_count(devices: Any, gpus: int) -> int | None:
+    """How many processes per node Lightning starts for trainer.devices (None: cannot tell)."""
+    if devices in ("auto", -1, "-1"):
+        return gpus or 1
+    if isinstance(devices, list):
+        return len(devices)
+    if isinstance(devices, str) and "," in devices:
+        return len([d for d in devices.split(",") if d.strip()])
+    try:
+        return int(devices)
+    except (TypeError, ValueError):
+        return None
+
+
+def _parse(argv: list[str], index: int) -> Any:
+    import train  # here, not at the top: --help and --resume should not wait for torch
+
+    try:
+        with warnings.catch_warnings():  # Lightning warns when args= comes with a sys.argv (ours)
+            warnings.simplefilter("ignore")
+            return train.parse_config(argv)
+    except Exception as err:  # jsonargparse's ArgumentError, or a constructor's ValueError/TypeError
+        raise LaunchError(f"row {index} ({shlex.join(argv)}): train.py rejects it: {train.one_line(err)}") from None
+
+
+def check_rows(rows: list[dict[str, Any]], extra: list[str], res: dict[str, Any]) -> None:
+    """Parse the rows with their appended arguments as train.py would, and check that each run's devices and
+    nodes match the job's tasks (Lightning needs one srun task per device; a mismatch fails late or hangs).
+    Keys only depend on the keys of their own group (optimizer.lr on --optimizer=SGD: a class and its arguments),
+    so each parse takes the next distinct values of every group: 1,000 rows of 10x10x10 values take 10 parses,
+    the first being row 0. When one fails, its groups are parsed alone to name the row."""
+    groups: dict[str, dict[tuple[tuple[str, Any], ...], int]] = {}  # group -> its distinct values -> first row
+    for index, row in enumerate(rows):
+        for key in sorted(row):
+            prefix = key.split(".")[0]
+            items = tuple(sorted((k, v) for k, v in row.items() if k.split(".")[0] == prefix))
+            groups.setdefault(prefix, {}).setdefault(items, index)
+    tables = [list(values.items()) for values in groups.values()]
+    tasks, gpus, nodes = res["ntasks_per_node"], res["gpus_per_node"], res["nodes"]
+    for j in range(max(len(table) for table in tables)):
+        picked = [table[j % len(table)] for table in tables]
+        argv = sweep.to_argv({k: v for items, _ in picked for k, v in items}) + extra
+        try:
+            config = _parse(argv, picked[0][1])
+        except LaunchError:
+            for items, index in picked:
+                _parse(sweep.to_argv(dict(items)) + extra, index)
+            raise
+        count = _device_count(config.trainer.devices, gpus)
+        if (gpus or tasks > 1) and count != tasks:
+            raise LaunchError(f"trainer.devices={config.trainer.devices} but the job runs {tasks} task(s) per "
+                              f"node: Lightning needs one srun task per device; pass --ntasks-per-node {count} "
+                              f"or -- --trainer.devices={tasks}")
+        if config.trainer.num_nodes != nodes:
+            raise LaunchError(f"trainer.num_nodes={config.trainer.num_nodes} but --nodes {nodes}: "
+                              f"append -- --trainer.num_nodes={nodes}")
+
+
+def resources(args: argparse.Namespace) -> dict[str, Any]:
+    """The job's resources: defaults, then the preset, then the options given; refuses inconsistent ones."""
+    preset = PRESETS.get(args.preset or "", {})
+    res = {**DEFAULTS, **{k: v for k, v in preset.items() if k in RESOURCES}}
+    res.update({k: getattr(args, k) for k in RESOURCES if getattr(args, k) is not None})
+    if preset.get("needs_account") and not res.get("account"):
+        raise LaunchError(f"--preset {args.preset} needs --account (every job there names its project)")
+    gpus = res["gpus_per_node"]
+    if res.get("ntasks_per_node") is None:
+        res["ntasks_per_node"] = gpus or 1  # one srun task per GPU, what Lightning expects
+    elif gpus and res["ntasks_per_node"] != gpus:
+        raise LaunchError(f"--ntasks-per-node {res['ntasks_per_node']} must equal --gpus-per-node {gpus}: "
+                          "Lightning runs one srun task per GPU")
+    res["gres"] = bool(preset.get("gres"))
+    return res
+
+
+def render_script(grid_dir: Path, n: int, k: int, res: dict[str, Any], name: str) -> str:
+    """The batch script: #SBATCH header from the resources, then the array task: read its row, run it, mark it."""
+    def line(option: str, comment: str = "") -> str:
+        return f"#SBATCH {option:<32}{'  # ' + comment if comment else ''}".rstrip()
+
+    gpus = res["gpus_per_node"]
+    header = [line(f"--job-name={name}"), line(f"--array=0-{n - 1}%{k}", f"{n} rows, at most {k} at a time")]
+    header += [line(f"--partition={res['partition']}", "check: `sinfo -s`")] if res.get("partition") else []
+    header += [line(f"--account={res['account']}")] if res.get("account") else []
+    header += [line(f"--nodes={res['nodes']}"),
+               line(f"--ntasks-per-node={res['ntasks_per_node']}", "= the Trainer's devices: one task per GPU")]
+    if gpus:
+        header.append(line(f"--gres=gpu:{gpus}" if res["gres"] else f"--gpus-per-node={gpus}"))
+    header += [line(f"--cpus-per-task={res['cpus_per_task']}", "data loading workers + the main process")]
+    header += [line(f"--mem={res['mem']}")] if res.get("mem") else []
+    header += [line(f"--time={res['time']}"),
+               line("--signal=SIGUSR1@90", "to train.py 90 s before the limit: Lightning checkpoints, requeues"),
+               line("--requeue"), line("--open-mode=append", "a requeued task appends to its log"),
+               line(f"--output={grid_dir}/row-%a.out", "one log per row")]
+    q = shlex.quote
+    return f"""#!/usr/bin/env bash
+# Grid of {n} train.py runs, one array task per row of grid.json; written by slurm_train.py, which submitted it.
+#   python slurm_train.py --resume {q(str(grid_dir))}   # resubmit the rows without a row-<i>/done marker
+#   squeue -r -j <job id>;  tail -f {q(str(grid_dir))}/row-0.out
+{chr(10).join(header)}
+set -euo pipefail
+grid_dir={q(str(grid_dir))}
+python={q(sys.executable)}  # the interpreter that checked the grid (jobs inherit the submitting shell's environment)
+row=${{GRID_ROW:-${{SLURM_ARRAY_TASK_ID:?submit with sbatch, or run: python slurm_train.py --local}}}}
+row_dir=$grid_dir/row-$row
+die() {{ echo "job.sbatch, row $row: $*" >&2; exit 1; }}
+if [ -e "$row_dir/done" ]; then echo "row $row already finished ($row_dir/done)"; exit 0; fi
+argv=$("$python" -c 'import json, sys; row = json.load(open(sys.argv[1]))["rows"][int(sys.argv[2])]
+print("\\n".join(row["argv"]))' "$grid_dir/grid.json" "$row") || die "cannot read row $row of $grid_dir/grid.json"
+mapfile -t args <<< "$argv"
+# A requeued or resumed row continues from its own checkpoints: Lightning picks the hpc_ckpt_N its requeue
+# handler saved by itself; otherwise the row's last.ckpt, if any.
+resume=()
+if [ -f "$row_dir/checkpoints/last.ckpt" ] && ! compgen -G "$row_dir/hpc_ckpt_*.ckpt" > /dev/null; then
+  resume=(--ckpt_path=last)
+fi
+launch=()
+if [ -n "${{SLURM_JOB_ID:-}}" ]; then
+  tasks=${{SLURM_NTASKS_PER_NODE:-1}}
+  if [ "${{SLURM_GPUS_ON_NODE:-0}}" -gt 0 ] && [ "${{SLURM_GPUS_ON_NODE}}" != "$tasks" ]; then
+    die "$SLURM_GPUS_ON_NODE GPUs per node but --ntasks-per-node=$tasks: Lightning needs one srun task per GPU"
+  fi
+  # Since Slurm 22.05 srun no longer inherits --cpus-per-task from sbatch.
+  if [ -n "${{SLURM_CPUS_PER_TASK:-}}" ]; then export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK; fi
+  launch=(srun --ntasks-per-node="$tasks" --kill-on-bad-exit=1)
+fi
+start=$(date +%s.%N)
+echo "row $row on $(hostname), CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES:-}}: train.py ${{args[*]}}"
+"${{launch[@]}}" "$python" {q(str(REPO_DIR / "train.py"))} "${{resume[@]}}" "${{args[@]}}" --run_dir="$row_dir"
+# Only reached when train.py exited 0 (set -e): a crashed or killed row is never marked finished.
+mkdir -p "$row_dir"
+printf '{{"row": %s, "job": "%s", "host": "%s", "start": %s, "end": %s}}\\n' "$row" \\
+  "${{SLURM_ARRAY_JOB_ID:-local}}_${{SLURM_ARRAY_TASK_ID:-$row}}" "$(hostname)" "$start" "$(date +%s.%N)" \\
+  > "$row_dir/.done.$$"
+mv "$row_dir/.done.$$" "$row_dir/done"
+"""
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """tmp + rename: a reader (an array task, --resume) never sees a half-written file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def unfinished(grid_dir: Path) -> list[int]:
+    rows = json.loads((grid_dir / "grid.json").read_text())["rows"]
+    return [i for i in range(len(rows)) if not (grid_dir / f"row-{i}" / "done").exists()]
+
+
+def array_spec(indices: list[int], k: int) -> str:
+    """--array value: consecutive indices as ranges (0-80%4, 3,5,7%2, 0-2,9%2)."""
+    parts, start = [], None
+    for i, index in enumerate(indices):
+        start = index if start is None else start
+        if i + 1 == len(indices) or indices[i + 1] != index + 1:
+            parts.append(str(start) if start == index else f"{start}-{index}")
+            start = None
+    return f"{','.join(parts)}%{k}"
+
+
+def active_jobs(grid_dir: Path) -> list[str]:
+    """Jobs this grid submitted that Slurm still lists (a resume beside them would run rows twice)."""
+    jobs_file = grid_dir / "jobs.txt"
+    if not jobs_file.exists() or shutil.which("squeue") is None:
+        return []
+    # All queued jobs' array ids, filtered here: `squeue -j` fails outright once one of the ids is purged.
+    out = subprocess.run(["squeue", "-h", "-o", "%F"], capture_output=True, text=True)
+    return sorted(set(jobs_file.read_text().split()) & set(out.stdout.split()))
+
+
+def submit(grid_dir: Path, indices: list[int], k: int) -> str:
+    """One sbatch call for all the rows; returns the job id."""
+    result = subprocess.run(["sbatch", "--parsable", f"--array={array_spec(indices, k)}", str(grid_dir / "job.sbatch")],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise LaunchError(f"sbatch failed: {' '.join(result.stderr.split())}")
+    job = result.stdout.strip().split(";")[0]
+    with open(grid_dir / "jobs.txt", "a") as f:
+        f.write(job + "\n")
+    return job
+
+
+def visible_gpus() -> list[str]:
+    if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
+        return [d for d in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def run_local(grid_dir: Path, indices: list[int], k: int) -> int:
+    """The rows as processes of this machine running job.sbatch (same run directories and done markers): at most
+    k at a time on CPU, one per GPU (pinned with CUDA_VISIBLE_DEVICES) when GPUs are visible."""
+    gpus = visible_gpus()
+    slots: list[str | None] = list(gpus[:k]) if gpus else [None] * k
+    pending, running, failed = list(indices), {}, []  # running: process -> (row, slot)
+    while pending or running:
+        while pending and len(running) < len(slots):
+            slot = next(s for s in range(len(slots)) if s not in {sl for _, sl in running.values()})
+            row = pending.pop(0)
+            env = {**os.environ, "GRID_ROW": str(row)}
+            if slots[slot] is not None:
+                env["CUDA_VISIBLE_DEVICES"] = str(slots[slot])
+            with open(grid_dir / f"row-{row}.out", "a") as log:
+                proc = subprocess.Popen(["bash", str(grid_dir / "job.sbatch")], stdout=log, stderr=subprocess.STDOUT,
+                                        env=env)
+            running[proc] = (row, slot)
+            print(f"row {row} started (log {grid_dir}/row-{row}.out)", flush=True)
+        time.sleep(0.2)
+        for proc in [p for p in running if p.poll() is not None]:
+            row, _ = running.pop(proc)
+            print(f"row {row} {'finished' if proc.returncode == 0 else f'FAILED (exit {proc.returncode})'}", flush=True)
+            if proc.returncode != 0:
+                failed.append(row)
+    if failed:
+        print(f"{len(failed)} row(s) failed: {', '.join(map(str, sorted(failed)))}; see their row-<i>.out. "
+              f"Rerun them: python slurm_train.py --local --resume {grid_dir}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def new_grid_dir(root: Path) -> Path:
+    return root / ("grid-" + time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6])
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    own = argv[:argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description="Run the sweep's configs as one Slurm job array (see the docstring).",
+                                usage="python slurm_train.py [options] [-- train.py arguments for every row]")
+    p.add_argument("--sample", type=int, help="this many seeded random draws instead of the grid")
+    p.add_argument("--seed", type=int, default=0, help="with --sample: seed of the draws")
+    p.add_argument("--sweep-config", help="JSON/YAML file with a sweep config (default: sweep.SWEEP_CONFIG)")
+    p.add_argument("--max-concurrent", type=int, default=4, help="array tasks (or --local processes) at once")
+    p.add_argument("--dry-run", action="store_true", help="check, print the script and the runs; write nothing")
+    p.add_argument("--local", action="store_true", help="no Slurm: run the rows as processes on this machine")
+    p.add_argument("--resume", metavar="RUN_DIR", help="resubmit only the rows of RUN_DIR that did not finish")
+    p.add_argument("--runs-dir", default="runs", help="where the grid directory is made (default: runs)")
+    p.add_argument("--job-name", default="grid")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="cluster defaults (partition names: check them)")
+    p.add_argument("--partition")
+    p.add_argument("--account")
+    p.add_argument("--time", help=f"time limit per row (default {DEFAULTS['time']})")
+    p.add_argument("--nodes", type=int, help="nodes per row (default 1; append -- --trainer.num_nodes=N)")
+    p.add_argument("--gpus-per-node", type=int, help=f"default {DEFAULTS['gpus_per_node']}; 0: CPU only")
+    p.add_argument("--ntasks-per-node", type=int, help="default: the GPUs per node (one task per device)")
+    p.add_argument("--cpus-per-task", type=int, help=f"default {DEFAULTS['cpus_per_task']}")
+    p.add_argument("--mem", help=f"memory per node (default {DEFAULTS['mem']})")
+    args = p.parse_args(own)
+    if args.max_concurrent < 1:
+        p.error("--max-concurrent must be at least 1")
+    if args.resume:
+        given = [f"--{k.replace('_', '-')}" for k in [*RESOURCES, "sample", "sweep_config", "preset"]
+                 if getattr(args, k) is not None]
+        if given or extra:
+            p.error(f"--resume reruns the grid as it was written: drop {' '.join(given) or '--'} "
+                    f"(edit {args.resume}/job.sbatch to change its resources)")
+    return args, extra
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, extra = parse_args(sys.argv[1:] if argv is None else argv)
+    k = args.max_concurrent
+    try:
+        if args.resume:
+            grid_dir = Path(args.resume).resolve()
+            if not (grid_dir / "grid.json").is_file() or not (grid_dir / "job.sbatch").is_file():
+                raise LaunchError(f"{grid_dir} is not a grid directory (no grid.json / job.sbatch)")
+            indices = unfinished(grid_dir)
+            if not indices:
+                print(f"every row of {grid_dir} has finished: nothing to resubmit")
+                return 0
+            if not args.local and (jobs := active_jobs(grid_dir)):
+                raise LaunchError(f"job(s) {', '.join(jobs)} of this grid are still queued or running: wait for "
+                                  f"them or scancel them first, else rows would run twice")
+            print(f"{len(indices)} unfinished row(s): --array={array_spec(indices, k)}")
+            if args.dry_run:
+                print((grid_dir / "job.sbatch").read_text())
+                return 0
+        else:
+            config = load_sweep_config(args.sweep_config)
+            rows = enumerate_rows(config, args.sample, args.seed)
+            res = resources(args)
+            check_rows(rows, extra, res)  # before anything is written: a bad row fails here, not in the queue
+            indices = list(range(len(rows)))
+            grid_dir = new_grid_dir(Path(args.runs_dir).resolve())
+            if any(c.isspace() or c == "%" for c in str(grid_dir)):  # #SBATCH --output cannot quote; % is a pattern
+                raise LaunchError(f"{grid_dir}: a path with spaces or % cannot be a Slurm log path; use --runs-dir")
+            script = render_script(grid_dir, len(rows), k, res, args.job_name)
+            argvs = [sweep.to_argv(row) + extra for row in rows]
+            if args.dry_run:
+                print(script)
+                print(f"# {len(rows)} runs (each with --run_dir={grid_dir}/row-<i>); dry run: nothing written or "
+                      "submitted")
+                print("\n".join(f"# row {i}: " + shlex.join(["python", "train.py", *a]) for i, a in enumerate(argvs)))
+                return 0
+            if not args.local and shutil.which("sbatch") is None:
+                raise LaunchError("sbatch not found: no Slurm here; run the rows on this machine with --local")
+            grid_dir.mkdir(parents=True)
+            table = [{"row": i, "config": row, "argv": a} for i, (row, a) in enumerate(zip(rows, argvs, strict=True))]
+            grid = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "sweep": config.get("name"),
+                    "sample": args.sample, "seed": args.seed, "extra": extra, "rows": table}
+            write_atomic(grid_dir / "grid.json", json.dumps(grid, indent=1) + "\n")
+            write_atomic(grid_dir / "job.sbatch", script)
+        if args.local:
+            print(f"run directory: {grid_dir}\nrunning {len(indices)} row(s) here, at most {k} at a time")
+            return run_local(grid_dir, indices, k)
+        if shutil.which("sbatch") is None:
+            raise LaunchError("sbatch not found: no Slurm here; run the rows on this machine with --local")
+        job = submit(grid_dir, indices, k)
+    except LaunchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    log = grid_dir / f"row-{indices[0]}.out"
+    print(f"submitted job {job}: {len(indices)} row(s), at most {k} at a time\nrun directory: {grid_dir}\n"
+          f"watch:  squeue -r -j {job}      logs:  tail -f {log}\n"
+          f"resume the rows that did not finish:  python slurm_train.py --resume {grid_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
