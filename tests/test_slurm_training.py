@@ -10,9 +10,11 @@ from pathlib import Path
 import torch
 from conftest import QUICK, REPO, run_script, script_env
 
-# 8-sample batches: ~160 steps per epoch, so a signal sent after the first epoch lands mid-training.
-ARGS = QUICK + ["--data.batch_size=8", "--trainer.max_epochs=5", "--model.dropout=0.3", "--early_stopping.patience=100",
-                "--cka.every_n_epochs=0"]
+# 4-sample batches (315 steps per epoch) validated every quarter epoch: last.ckpt first appears after batch 79
+# of epoch 0, and a signal sent then lands mid-epoch with ~235 batches to spare.
+STEPS_PER_EPOCH = 315
+ARGS = QUICK + ["--data.batch_size=4", "--trainer.max_epochs=3", "--trainer.val_check_interval=0.25",
+                "--model.dropout=0.3", "--early_stopping.patience=100", "--cka.every_n_epochs=0"]
 
 
 def job_script(path: Path, sbatch: str, command: str) -> Path:
@@ -31,10 +33,9 @@ def test_a_requeued_task_resumes_exactly_and_continues_its_wandb_run(slurm, tmp_
                         " ".join(ARGS + [f"--run_dir={run_dir}"]))
     job = slurm.sbatch(str(script), cwd=tmp_path, env=script_env())
     deadline = time.monotonic() + 120
-    while not (run_dir / "checkpoints" / "last.ckpt").exists():  # the first epoch is done: now interrupt it
-        assert time.monotonic() < deadline, "the job never finished its first epoch"
-        time.sleep(0.05)
-    time.sleep(0.3)  # into the second epoch: the checkpoint must be taken mid-epoch
+    while not (run_dir / "checkpoints" / "last.ckpt").exists():  # a quarter of epoch 0 is done: interrupt it
+        assert time.monotonic() < deadline, "the job never reached its first validation"
+        time.sleep(0.02)
     assert slurm.run("scancel", "--signal=USR1", job).returncode == 0
     # Uninterrupted reference, meanwhile: same settings, one thread as in the job.
     reference = run_script("train.py", *ARGS, f"--run_dir={tmp_path / 'uninterrupted'}", timeout=300)
@@ -45,10 +46,11 @@ def test_a_requeued_task_resumes_exactly_and_continues_its_wandb_run(slurm, tmp_
     hpc = glob.glob(str(run_dir / "hpc_ckpt_*.ckpt"))
     assert hpc, "Lightning's requeue checkpoint is missing"
     position = torch.load(hpc[0], map_location="cpu", weights_only=False)["loops"]["fit_loop"]
-    assert 0 < position["epoch_loop.batch_progress"]["current"]["completed"] < 158, "not taken mid-epoch"
+    assert 0 < position["epoch_loop.batch_progress"]["current"]["completed"] < STEPS_PER_EPOCH, "not mid-epoch"
     assert "final metrics" in log
     resumed, full = weights(run_dir), weights(tmp_path / "uninterrupted")
-    assert resumed["global_step"] == full["global_step"], (resumed["global_step"], full["global_step"])
+    # last.ckpt is from the last validation: step 2 * 315 + 312 (every 78 batches, a quarter of 315).
+    assert resumed["global_step"] == full["global_step"] == 2 * STEPS_PER_EPOCH + 4 * (STEPS_PER_EPOCH // 4)
     for key, value in full["state_dict"].items():
         assert torch.equal(value, resumed["state_dict"][key]), key
     # One wandb run, continued: two offline segments under the same run id.
