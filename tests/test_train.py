@@ -186,3 +186,28 @@ def test_the_requeue_signal_is_handled_at_a_batch_boundary_and_marks_sweep_runs(
     finally:
         signal.signal(signal.SIGUSR1, original)
     assert calls == ["preempting", "lightning requeue"]
+
+
+def test_a_run_resumed_from_a_mid_epoch_checkpoint_ends_like_an_uninterrupted_one():
+    """What a requeued SLURM job does (tested for real in test_slurm_training.py), here without Slurm: a
+    checkpoint taken between two batches of epoch 1, then a new run resumed from it."""
+    from pytorch_lightning import Callback
+
+    class SaveAtStep30(Callback):  # at a batch boundary, like RequeueAtBatchBoundary
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 30:
+                trainer.save_checkpoint("mid.ckpt")
+
+    args = QUICK + ["--model.dropout=0.3", "--early_stopping.patience=100", "--trainer.max_epochs=3",
+                    "--cka.every_n_epochs=0"]
+    cli = train.build_cli(args + ["--run_dir=full"])
+    cli.trainer.callbacks.append(SaveAtStep30())
+    train.fit_and_test(cli)
+    train.main(args + ["--run_dir=resumed", "--ckpt_path=mid.ckpt"])
+    full = torch.load("full/checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    resumed = torch.load("resumed/checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    mid = torch.load("mid.ckpt", map_location="cpu", weights_only=False)
+    assert mid["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["completed"] == 10  # mid-epoch 1
+    assert resumed["global_step"] == full["global_step"] == 60
+    for key, value in full["state_dict"].items():
+        assert torch.equal(value, resumed["state_dict"][key]), key
