@@ -329,15 +329,17 @@ def _wandb_settings(init_timeout: float) -> Any:
     return wandb.Settings(init_timeout=init_timeout, silent=True, git_root=str(REPO_DIR))
 
 
-TRAINER_DEFAULTS = {"max_epochs": 40, "log_every_n_steps": 10}
-PARSER_KWARGS = {"exit_on_error": False, "description": "Train the template's model (see train.py's docstring)."}
+# What both the training CLI and the parse-only CLI are built from, so the two can never disagree.
+CLI_SETUP: dict[str, Any] = dict(
+    model_class=ImageClassifier, datamodule_class=DataModule, run=False, seed_everything_default=42,
+    trainer_defaults={"max_epochs": 40, "log_every_n_steps": 10},
+    parser_kwargs={"exit_on_error": False, "description": "Train the template's model (see train.py's docstring)."})
 
 
 def build_cli(args: list[str] | dict[str, Any] | None = None) -> TrainCLI:
     """Parse the settings and build model, data and trainer; raises ArgumentError/ValueError on bad settings."""
-    return TrainCLI(ImageClassifier, DataModule, args=args, run=False, seed_everything_default=42,
-                    save_config_callback=SaveConfigAndLog, save_config_kwargs={"overwrite": True},
-                    trainer_defaults=TRAINER_DEFAULTS, parser_kwargs=PARSER_KWARGS)
+    return TrainCLI(args=args, save_config_callback=SaveConfigAndLog, save_config_kwargs={"overwrite": True},
+                    **CLI_SETUP)
 
 
 class _ParseOnlyCLI(TrainCLI):
@@ -356,8 +358,7 @@ class _ParseOnlyCLI(TrainCLI):
 def parse_config(args: list[str] | dict[str, Any]) -> Any:
     """The config (a jsonargparse Namespace) that train.py would run with these arguments, without building
     the model, data or trainer. Raises ArgumentError naming the key when an argument is unknown or invalid."""
-    return _ParseOnlyCLI(ImageClassifier, DataModule, args=args, run=False, seed_everything_default=42,
-                         trainer_defaults=TRAINER_DEFAULTS, parser_kwargs=PARSER_KWARGS).config
+    return _ParseOnlyCLI(args=args, **CLI_SETUP).config
 
 
 def fit_and_test(cli: TrainCLI) -> dict[str, Any]:
