@@ -60,9 +60,29 @@ def _exact(device: torch.device) -> Iterator[None]:
             setattr(backend, name, value)
 
 
-def _centred(x: Tensor, dtype: torch.dtype) -> Tensor:
-    x = x.detach().reshape(x.shape[0], -1).to(dtype)
-    return x - x.mean(0, keepdim=True)  # centring first keeps float32 Grams accurate and makes K = HKH exact
+def _centred(xs: Sequence[Tensor], dtype: torch.dtype, out: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
+    """Activations flattened to (n, p_i) and centred, as column blocks of one (n, sum p_i) matrix (the feature form's
+    concatenation, without a copy); ``out``, if given, is reused for it (see MinibatchCKA)."""
+    flat = [x.detach().reshape(x.shape[0], -1) for x in xs]
+    widths = [f.shape[1] for f in flat]
+    out = torch.empty(len(flat[0]), sum(widths), dtype=dtype, device=flat[0].device) if out is None else out
+    # Centring first keeps float32 Grams accurate and makes K = HKH exact; fp16/bf16 are upcast by type promotion.
+    for f, block in zip(flat, out.split(widths, 1), strict=True):
+        torch.sub(f, f.mean(0, keepdim=True, dtype=dtype), out=block)
+    return out, list(out.split(widths, 1))
+
+
+def _buffer(scratch: dict[str, Tensor] | None, key: str, shape: tuple[int, int], dtype: torch.dtype,
+            device: torch.device) -> Tensor:
+    """An uninitialised tensor: ``scratch[key]`` (grown or replaced as needed) viewed as ``shape``, or a new one. On
+    CPU a fresh multi-MB tensor per batch costs more in page faults than the arithmetic it holds (4 of 26 ms at
+    n = 256)."""
+    if scratch is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    numel, old = shape[0] * shape[1], scratch.get(key)
+    if old is None or old.numel() < numel or old.dtype != dtype or old.device != device:
+        scratch[key] = old = torch.empty(numel, dtype=dtype, device=device)
+    return old[:numel].view(shape)
 
 
 def _check(xs: Sequence[Tensor], ys: Sequence[Tensor], debiased: bool) -> int:
@@ -78,17 +98,21 @@ def _check(xs: Sequence[Tensor], ys: Sequence[Tensor], debiased: bool) -> int:
 
 
 def _layout(m: int, cpu: bool) -> list[tuple[int, int, int, int, int, float]]:
-    """Upper blocks (s0, s1, t0, t1, offset, weight) of a symmetric m x m product, packed in a vector: k(k+1)/2 of
-    the k^2 block products (~0.6 of a full GEMM's time); <A, B> is the weighted sum of the blocks' inner products.
-    CPU blocks of 64..256 rows keep BLAS efficient and float32 sums short; GPU blocks of >= 1024 rows keep kernels
-    few and large (one block up to n = 1024)."""
-    size = -(-m // 8 // 64) * 64  # ~8 blocks, multiples of 64 rows
-    size = max(64 if m <= 256 else 128, min(256, size)) if cpu else max(1024, size)
-    cut = [*range(0, m, size), m]
-    k, blocks, offset = len(cut) - 1, [], 0
-    for i, j in [(b, b) for b in range(k)] + [(a, b) for a in range(k) for b in range(a + 1, k)]:
-        blocks.append((cut[i], cut[i + 1], cut[j], cut[j + 1], offset, 1.0 if i == j else 2.0))
-        offset += (cut[i + 1] - cut[i]) * (cut[j + 1] - cut[j])
+    """Upper blocks (s0, s1, t0, t1, offset, weight) of a symmetric m x m product, packed in a vector; <A, B> is the
+    weighted sum of the blocks' inner products. The product halves recursively into two diagonal blocks and one
+    off-diagonal block (weight 2), down to 64..127 rows on CPU (small GEMMs stay efficient) or 1024..2047 on GPUs
+    (few large kernels): ~0.51-0.56 of a full GEMM's time on CPU, most of it in the large off-diagonal GEMMs."""
+    leaf, spans, blocks, offset = 64 if cpu else 1024, [(0, m)], [], 0
+    while spans:
+        s, e = spans.pop()
+        if e - s < 2 * leaf:
+            blocks.append((s, e, s, e, offset, 1.0))
+            offset += (e - s) ** 2
+            continue
+        mid = s + (e - s + leaf) // (2 * leaf) * leaf  # halves at a multiple of leaf rows
+        blocks.append((s, mid, mid, e, offset, 2.0))
+        offset += (mid - s) * (e - mid)
+        spans += [(mid, e), (s, mid)]
     return blocks
 
 
@@ -112,25 +136,27 @@ def _gram_form(n: int, wx: list[int], wy: list[int]) -> bool:
     return gram < n * sum(wx) * sum(wy) + sum(0.6 * n * p * min(n, p) for p in wx + wy)
 
 
-def _hsic_parts(xs: Sequence[Tensor], ys: Sequence[Tensor] | None) -> tuple[int, list[Tensor], list[Tensor]]:
+def _hsic_parts(xs: Sequence[Tensor], ys: Sequence[Tensor] | None, scratch: dict[str, Tensor] | None = None
+                ) -> tuple[int, list[Tensor], list[Tensor]]:
     """Sufficient statistics of the linear-kernel HSIC of every layer pair. With Grams K = XX', L = YY' of centred
     features (row sums 0), diagonals d, e and zero-diagonal K~, L~: n, [t, r, sx, sy] (cross pairs) and [txx, rxx,
     tyy, ryy] (self pairs), where t = tr(K~L~) (an elementwise sum, never an n x n product), r = d.e = 1'K~L~1 (a dot
-    of row sums, as K~1 = -d) and s = sum(d) = -1'K~1."""
+    of row sums, as K~1 = -d) and s = sum(d) = -1'K~1. ``scratch`` keeps the large buffers for the next call."""
     same = ys is None or ys is xs
     n = _check(xs, xs if same else ys, debiased=False)
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in [*xs, *(ys or [])]) else torch.float32  # no fp16
     dev, acc = xs[0].device, torch.float32 if xs[0].device.type == "mps" else torch.float64  # MPS has no float64
-    fx = [_centred(x, dtype) for x in xs]
-    fy = fx if same else [_centred(y, dtype) for y in ys]
+    cat_x, fx = _centred(xs, dtype, _buffer(scratch, "x", (n, sum(x[0].numel() for x in xs)), dtype, dev))
+    cat_y, fy = (cat_x, fx) if same else _centred(ys, dtype, _buffer(scratch, "y", (n, sum(y[0].numel() for y in ys)),
+                                                                      dtype, dev))
     wx, wy = [f.shape[1] for f in fx], [f.shape[1] for f in fy]
     cpu = dev.type == "cpu"
     layout = _layout(n, cpu)  # the packed Grams' blocks
     if _gram_form(n, wx, wy):  # packed zero-diagonal Grams, then every pair from one matmul per block
         size = layout[-1][4] + (layout[-1][1] - layout[-1][0]) * (layout[-1][3] - layout[-1][2])
 
-        def grams(fs: list[Tensor]) -> tuple[Tensor, Tensor]:  # packed zero-diagonal Grams and their diagonals
-            g, d = torch.empty(len(fs), size, dtype=dtype, device=dev), torch.empty(len(fs), n, dtype=dtype, device=dev)
+        def grams(fs: list[Tensor], key: str) -> tuple[Tensor, Tensor]:  # packed zero-diagonal Grams, diagonals
+            g, d = _buffer(scratch, key, (len(fs), size), dtype, dev), torch.empty(len(fs), n, dtype=dtype, device=dev)
             for i, f in enumerate(fs):  # loops over layers and row blocks, never over layer pairs
                 for s0, s1, t0, t1, o, _ in layout:
                     block = torch.mm(f[s0:s1], f[t0:t1].T, out=g[i, o:o + (s1 - s0) * (t1 - t0)].view(s1 - s0, -1))
@@ -146,16 +172,15 @@ def _hsic_parts(xs: Sequence[Tensor], ys: Sequence[Tensor] | None) -> tuple[int,
                 out += w * torch.bmm(rows[0], rows[1].transpose(1, 2)).sum(0, dtype=acc)  # a flat one is off ~1e-6
             return out
 
-        gx, dx = grams(fx)
-        gy, dy = (gx, dx) if same else grams(fy)
+        gx, dx = grams(fx, "gx")
+        gy, dy = (gx, dx) if same else grams(fy, "gy")
         t = inner(gx, gy)
         txx = t.diagonal() if same else inner(gx, gx).diagonal()
         tyy = txx if same else inner(gy, gy).diagonal()
     else:  # every pair from one cross-covariance X_cat'Y_cat: block sums of its squares are ||X_i'Y_j||^2
         dx = torch.stack([f.square().sum(1) for f in fx])
         dy = dx if same else torch.stack([f.square().sum(1) for f in fy])
-        cat_x = torch.cat(fx, 1) if len(fx) > 1 else fx[0]  # (cat copies even a single tensor)
-        m = (cat_x.T @ (cat_x if same else torch.cat(fy, 1) if len(fy) > 1 else fy[0])).square_()
+        m = (cat_x.T @ cat_y).square_()
         rows = torch.stack([b.sum(0, dtype=acc) for b in m.split(wx)])
         t = torch.stack([c.sum(1) for c in rows.split(wy, 1)], 1) - dx.to(acc) @ dy.to(acc).T
 
@@ -177,8 +202,9 @@ def _hsic(n: int, t: Tensor, r: Tensor, sa: Tensor, sb: Tensor, debiased: bool) 
     return (t + sa * sb / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * r) / (n * (n - 3))
 
 
-def _hsics(xs: Sequence[Tensor], ys: Sequence[Tensor] | None, debiased: bool) -> tuple[Tensor, Tensor, Tensor]:
-    n, (t, r, sx, sy), (txx, rxx, tyy, ryy) = _hsic_parts(xs, ys)
+def _hsics(xs: Sequence[Tensor], ys: Sequence[Tensor] | None, debiased: bool,
+           scratch: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    n, (t, r, sx, sy), (txx, rxx, tyy, ryy) = _hsic_parts(xs, ys, scratch)
     return (_hsic(n, t, r, sx[:, None], sy[None, :], debiased), _hsic(n, txx, rxx, sx, sx, debiased),
             _hsic(n, tyy, ryy, sy, sy, debiased))
 
@@ -230,7 +256,7 @@ def rbf_cka(x: Tensor, y: Tensor, sigma_frac: float = 0.5) -> Tensor:
     _check([x], [y], debiased=False)
     with _exact(x.device):
         dtype = torch.float64 if torch.float64 in (x.dtype, y.dtype) else torch.float32
-        kx, ky = (_centred_rbf_gram(_centred(a, dtype), sigma_frac) for a in (x, y))
+        kx, ky = (_centred_rbf_gram(_centred([a], dtype)[0], sigma_frac) for a in (x, y))
         acc = torch.float32 if x.device.type == "mps" else torch.float64  # row dots summed in float64: one flat
         xy, xx, yy = (torch.einsum("ij,ij->i", a, b).sum(dtype=acc) for a, b in ((kx, ky), (kx, kx), (ky, ky)))
         return xy / torch.sqrt(xx * yy)  # float32 dot over n^2 entries is off by ~1e-4
@@ -255,6 +281,9 @@ class MinibatchCKA(Metric):
         self.num_layers_x = num_layers_x
         self.num_layers_y = num_layers_x if num_layers_y is None else num_layers_y
         self.state_dtype = state_dtype
+        # CPU buffers reused batch after batch, freed by compute() (not states: never synced or saved). GPUs need none:
+        # their caching allocator already reuses memory.
+        self._scratch: dict[str, Tensor] = {}
         self.add_state("hsic_xy", torch.zeros(self.num_layers_x, self.num_layers_y, dtype=state_dtype), "sum")
         self.add_state("hsic_xx", torch.zeros(self.num_layers_x, dtype=state_dtype), "sum")
         self.add_state("hsic_yy", torch.zeros(self.num_layers_y, dtype=state_dtype), "sum")
@@ -273,11 +302,14 @@ class MinibatchCKA(Metric):
             raise ValueError(f"expected {self.num_layers_x} x-layers and {self.num_layers_y} y-layers, got "
                              f"{len(xs)} and {len(xs if ys is None else ys)}")
         _check(xs, xs if ys is None else ys, debiased=True)
+        scratch = self._scratch if xs[0].device.type == "cpu" else None
         with _exact(xs[0].device):
-            for state, value in zip((self.hsic_xy, self.hsic_xx, self.hsic_yy), _hsics(xs, ys, True), strict=True):
+            states, values = (self.hsic_xy, self.hsic_xx, self.hsic_yy), _hsics(xs, ys, True, scratch)
+            for state, value in zip(states, values, strict=True):
                 state += value.to(self.state_dtype)  # in place: the registered states themselves
 
     def compute(self) -> Tensor:
+        self._scratch.clear()  # the accumulation is over: give the buffers back until the next one
         return self.hsic_xy / torch.sqrt(self.hsic_xx[:, None] * self.hsic_yy[None, :])
 
 

@@ -158,7 +158,7 @@ def test_gpu_block_layout_matches(monkeypatch: pytest.MonkeyPatch) -> None:
     layout = cka._layout
     monkeypatch.setattr(cka, "_layout", lambda m, cpu: layout(m, cpu=False))
     monkeypatch.setattr(cka, "_gram_form", lambda *_: True)
-    assert len(cka._layout(2500, True)) == 6  # 3 row blocks
+    assert len(cka._layout(2500, True)) == 3  # two halves and the block between them
     torch.testing.assert_close(torch.stack([cka.linear_cka(x, y), cka.debiased_cka(x, y)]), torch.stack(want),
                                atol=1e-12, rtol=0)
 
@@ -269,6 +269,30 @@ def test_identical_inputs_give_identical_self_and_cross_results(shapes: list[tup
         own.update([x[rows] for x in xs])
         cross.update([x[rows] for x in xs], [c[rows] for c in copies])
     assert torch.equal(own.compute(), cross.compute())
+
+
+@pytest.mark.parametrize("shapes", [[(30,), (2, 5)], [(500,), (3, 9, 9)]])  # feature form, Gram form
+def test_minibatch_reused_buffers_carry_nothing_between_batches(shapes: list[tuple]) -> None:
+    """MinibatchCKA reuses its CPU buffers from batch to batch: batches that grow, shrink or change dtype each still
+    add exactly what they add alone, and compute() gives the buffers back."""
+    gen = torch.Generator().manual_seed(9)
+    batches = [[torch.randn(n, *s, generator=gen, dtype=dtype) + 1 for s in shapes]
+               for n, dtype in [(40, torch.float32), (120, torch.float32), (7, torch.float32), (60, torch.float64),
+                                (80, torch.float32)]]
+    metric, sums = cka.MinibatchCKA(2), [torch.zeros(2, 2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)]
+    for i, xs in enumerate(batches):
+        metric.update(xs)
+        alone = cka.MinibatchCKA(2)
+        alone.update(xs)
+        sums[0] += alone.hsic_xy
+        sums[1] += alone.hsic_xx
+        assert torch.equal(metric.hsic_xy, sums[0]) and torch.equal(metric.hsic_xx, sums[1])
+        if i == 1:
+            buffer = metric._scratch["x"].data_ptr()
+        if i == 2:  # the smaller batch ran in the larger one's buffer
+            assert metric._scratch["x"].data_ptr() == buffer
+    metric.compute()
+    assert metric._scratch == {}
 
 
 def test_minibatch_states_stay_float64_under_module_casts() -> None:
