@@ -39,7 +39,7 @@ import pytorch_lightning as pl
 import torch
 from filelock import FileLock, Timeout
 from pySmartDL import SmartDL
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 COMPLETE_MARKER = "COMPLETE"  # written last: a dataset directory without it is never trusted
 PROCESSED_FILE = "data.pt"
@@ -313,24 +313,24 @@ def keep_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, 
     return batch
 
 
-class EpochShuffleSampler(RandomSampler):
-    """A new permutation every epoch that depends only on (seed, epoch), not on the global RNG.
+class EpochShuffleSampler(DistributedSampler):
+    """A new permutation every epoch that depends only on (seed, epoch), not on the global RNG; under DDP each rank
+    takes every num_replicas-th index of it (padded, as torch's DistributedSampler does).
 
-    So a run resumed from a checkpoint sees exactly the batches an uninterrupted run would; `skip` drops the
-    start of the next pass, for a run resumed mid-epoch. It subclasses RandomSampler so that under DDP Lightning
-    swaps it for its DistributedSampler, which is seeded the same way (but restarts an interrupted epoch).
+    So a run resumed from a checkpoint sees exactly the batches an uninterrupted run would; `skip` drops the start
+    of this rank's next pass, for a run resumed mid-epoch. Being a DistributedSampler, Lightning uses it as it is
+    under DDP instead of swapping in its own, which cannot skip.
     """
 
-    def __init__(self, data_source: Dataset, seed: int) -> None:
-        super().__init__(data_source)
-        self.seed, self.epoch, self.skip = seed, 0, 0
-
-    def set_epoch(self, epoch: int) -> None:  # Lightning calls this at the start of every epoch
-        self.epoch = epoch
+    def __init__(self, data_source: Dataset, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(data_source, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.skip = 0
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order, self.skip = torch.randperm(len(self.data_source), generator=generator)[self.skip:], 0
+        order = torch.randperm(len(self.dataset), generator=generator)
+        order = order.repeat(-(-self.total_size // len(order)))[:self.total_size]  # pad so every rank gets as many
+        order, self.skip = order[self.rank::self.num_replicas][self.skip:], 0
         return iter(order.tolist())
 
 
@@ -403,10 +403,11 @@ class DataModule(pl.LightningDataModule):
         dataset = self.splits[split]
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # set by seed_everything, as Lightning's own samplers do
         workers = self.hparams.num_workers
+        ranks = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
         # Own generator: creating an iterator then never draws from the global RNG, which the model's dropout
         # uses, so a resumed run's dropout masks match an uninterrupted run's.
         return DataLoader(dataset, batch_size=self.hparams.batch_size, collate_fn=keep_batch,
-                          sampler=EpochShuffleSampler(dataset, seed) if shuffle else None,
+                          sampler=EpochShuffleSampler(dataset, seed, *ranks) if shuffle else None,
                           generator=torch.Generator().manual_seed(seed), num_workers=workers,
                           persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
 

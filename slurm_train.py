@@ -38,7 +38,9 @@ REPO_DIR = Path(__file__).resolve().parent
 # Partition names and limits change: check the cluster's documentation (`sinfo -s`). Same as sbatch_agent.sh.
 PRESETS: dict[str, dict[str, Any]] = {
     "hec": {"partition": "gpu-short", "gres": True},  # Lancaster HEC: or gpu-medium / gpu-long
-    "bede": {"partition": "gpu", "gres": True, "mem": None, "needs_account": True},  # Bede: memory comes with GPUs
+    # Bede, as its documentation (N8-CIR-Bede/documentation, usage) shows: --account=<project> on every job,
+    # partition gpu (4 V100 per node; "infer": 4 T4), --gres=gpu:N, and each GPU brings 25% of the node's CPUs and RAM.
+    "bede": {"partition": "gpu", "gres": True, "mem": None, "needs_account": True},
 }
 DEFAULTS: dict[str, Any] = {"nodes": 1, "gpus_per_node": 1, "cpus_per_task": 4, "mem": "16G", "time": "08:00:00"}
 RESOURCES = ["partition", "account", "nodes", "ntasks_per_node", "gpus_per_node", "cpus_per_task", "mem", "time"]

@@ -202,9 +202,14 @@ class RequeueAtBatchBoundary(Callback):
             signal.signal(signal.SIGUSR1, lambda signum, frame: setattr(self, "pending", (signum, frame)))
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        if self.pending is None:
+        if not callable(getattr(self, "lightning_handler", None)):
+            return  # not under Slurm with auto-requeue: Lightning installed no handler
+        pending = self.pending is not None
+        if trainer.world_size > 1:  # DDP: all ranks act at the same batch (saving is collective); one tiny all-reduce
+            pending = trainer.strategy.reduce_boolean_decision(pending, all=False)
+        if not pending:
             return
-        signum, frame = self.pending
+        signum, frame = self.pending or (signal.SIGUSR1, None)
         self.pending = None
         if os.environ.get("WANDB_SWEEP_ID") and trainer.is_global_zero:
             import wandb

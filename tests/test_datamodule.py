@@ -67,6 +67,20 @@ def test_shuffle_depends_only_on_seed_and_epoch():
     assert list(sampler) != epoch0
 
 
+def test_ddp_ranks_split_each_epoch_and_a_resumed_rank_skips_what_it_trained():
+    full = EpochShuffleSampler(range(51), seed=3)
+    full.set_epoch(2)
+    order = list(full)
+    ranks = [EpochShuffleSampler(range(51), seed=3, num_replicas=2, rank=r) for r in (0, 1)]
+    for sampler in ranks:
+        sampler.set_epoch(2)
+    shards = [list(sampler) for sampler in ranks]
+    assert shards == [order[0::2], order[1::2] + order[:1]]  # padded with the first index, so both get 26
+    assert len(ranks[1]) == 26
+    ranks[1].skip = 10  # resumed after 10 samples of this rank's epoch-2 shard
+    assert list(ranks[1]) == shards[1][10:] and list(ranks[1]) == shards[1]  # the skip applies to one pass only
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(dataset="imagenet"), "unknown dataset 'imagenet'"),
     (dict(batch_size=0), "batch_size"),

@@ -1,4 +1,5 @@
-"""train.py under a real Slurm (the local one-node cluster): preemption and requeue, DDP over srun tasks."""
+"""train.py under a real Slurm (the local one-node cluster): preemption and requeue, of one task and of DDP over
+srun tasks."""
 
 from __future__ import annotations
 
@@ -58,16 +59,34 @@ def test_a_requeued_task_resumes_exactly_and_continues_its_wandb_run(slurm, tmp_
     assert len(segments) == 2 and len({Path(p).name.rsplit("-", 1)[-1] for p in segments}) == 1, segments
 
 
-def test_ddp_over_two_srun_tasks_completes_a_fit(slurm, tmp_path: Path):
-    script = job_script(tmp_path / "ddp.sh", "#SBATCH --job-name=ddp\n#SBATCH --nodes=1\n#SBATCH --ntasks-per-node=2",
-                        " ".join(QUICK + ["--trainer.max_epochs=1", "--trainer.devices=2", "--trainer.accelerator=cpu",
-                                          "--trainer.strategy=ddp", f"--run_dir={tmp_path / 'ddp'}"]))
-    job = slurm.sbatch(str(script), cwd=tmp_path, env=script_env())
-    slurm.wait([job], timeout=180)
+def test_a_requeued_ddp_job_resumes_exactly(slurm, tmp_path: Path):
+    """Two srun tasks (DDP on CPU) interrupted mid-epoch end with the weights of an uninterrupted DDP run: all
+    ranks act on the signal at the same batch, and each rank's sampler skips what it had trained."""
+    ddp = " ".join(ARGS + ["--trainer.devices=2", "--trainer.accelerator=cpu", "--trainer.strategy=ddp"])
+    tasks = "#SBATCH --nodes=1\n#SBATCH --ntasks-per-node=2"
+    run_dir, reference_dir = tmp_path / "preempted", tmp_path / "uninterrupted"
+    job = slurm.sbatch(str(job_script(tmp_path / "job.sh", f"#SBATCH --job-name=ddp\n{tasks}\n#SBATCH --requeue",
+                                      f"{ddp} --run_dir={run_dir}")), cwd=tmp_path, env=script_env())
+    deadline = time.monotonic() + 120
+    while not (run_dir / "checkpoints" / "last.ckpt").exists():
+        assert time.monotonic() < deadline, "the job never reached its first validation"
+        time.sleep(0.02)
+    assert slurm.run("scancel", "--signal=USR1", job).returncode == 0  # every task gets it, at slightly different times
+    # The node's 2 CPUs take one job at a time: the reference starts once the preempted one is done.
+    reference = slurm.sbatch(str(job_script(tmp_path / "ref.sh", f"#SBATCH --job-name=ref\n{tasks}",
+                                            f"{ddp} --run_dir={reference_dir}")), cwd=tmp_path, env=script_env())
+    slurm.wait([job, reference], timeout=300)
     log = "".join(Path(p).read_text() for p in glob.glob(str(tmp_path / "job-*.out")))
-    assert slurm.job_field(job, "ExitCode") == "0:0", log[-3000:]
-    assert log.count("final metrics") == 1  # printed by rank 0 only
-    assert (tmp_path / "ddp" / "checkpoints" / "last.ckpt").is_file()
+    assert slurm.job_field(job, "Restarts") == "1" and slurm.job_field(reference, "ExitCode") == "0:0", log[-3000:]
+    assert log.count("final metrics") == 2  # rank 0 of each job
+    hpc = glob.glob(str(run_dir / "hpc_ckpt_*.ckpt"))
+    assert hpc, "Lightning's requeue checkpoint is missing"
+    position = torch.load(hpc[0], map_location="cpu", weights_only=False)["loops"]["fit_loop"]
+    assert 0 < position["epoch_loop.batch_progress"]["current"]["completed"] < STEPS_PER_EPOCH // 2, "not mid-epoch"
+    resumed, full = weights(run_dir), weights(reference_dir)
+    assert resumed["global_step"] == full["global_step"] > 0
+    for key, value in full["state_dict"].items():
+        assert torch.equal(value, resumed["state_dict"][key]), key
 
 
 def test_tasks_that_do_not_match_the_trainers_devices_fail_before_training(slurm, tmp_path: Path):

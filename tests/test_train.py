@@ -176,16 +176,22 @@ def test_the_requeue_signal_is_handled_at_a_batch_boundary_and_marks_sweep_runs(
     monkeypatch.setenv("WANDB_SWEEP_ID", "sw33p")
     monkeypatch.setattr(wandb, "run", SimpleNamespace(mark_preempting=lambda: calls.append("preempting")))
     original = signal.signal(signal.SIGUSR1, lambda signum, frame: calls.append("lightning requeue"))
-    trainer = SimpleNamespace(is_global_zero=True)
+    trainer = SimpleNamespace(is_global_zero=True, world_size=1)
     try:
         callback = train.RequeueAtBatchBoundary()
         callback.on_train_start(trainer, None)
         signal.raise_signal(signal.SIGUSR1)
         assert calls == []  # nothing happens in the middle of a step
         callback.on_train_batch_start(trainer, None, None, 0)
+        assert calls == ["preempting", "lightning requeue"]
+        # DDP: a rank acts when any rank got the signal, so all save the (collective) checkpoint at the same batch.
+        decisions = []
+        other_rank_got_it = SimpleNamespace(reduce_boolean_decision=lambda mine, all: decisions.append(mine) or True)
+        rank1 = SimpleNamespace(is_global_zero=False, world_size=2, strategy=other_rank_got_it)
+        callback.on_train_batch_start(rank1, None, None, 1)
+        assert decisions == [False] and calls[-1] == "lightning requeue" and len(calls) == 3
     finally:
         signal.signal(signal.SIGUSR1, original)
-    assert calls == ["preempting", "lightning requeue"]
 
 
 def test_a_run_resumed_from_a_mid_epoch_checkpoint_ends_like_an_uninterrupted_one():
