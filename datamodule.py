@@ -317,21 +317,37 @@ class EpochShuffleSampler(DistributedSampler):
     """A new permutation every epoch that depends only on (seed, epoch), not on the global RNG; under DDP each rank
     takes every num_replicas-th index of it (padded, as torch's DistributedSampler does).
 
-    So a run resumed from a checkpoint sees exactly the batches an uninterrupted run would; `skip` drops the start
-    of this rank's next pass, for a run resumed mid-epoch. Being a DistributedSampler, Lightning uses it as it is
-    under DDP instead of swapping in its own, which cannot skip.
+    So a run resumed from a checkpoint sees exactly the batches an uninterrupted run would; `resume` makes that
+    epoch's pass start after the samples this rank had already trained on. Being a DistributedSampler, Lightning
+    uses it as it is under DDP instead of swapping in its own, which cannot skip.
     """
 
     def __init__(self, data_source: Dataset, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
         super().__init__(data_source, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
-        self.skip = 0
+        self.resume_at: tuple[int, int] | None = None  # (epoch, samples of it already trained), for one pass
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(len(self.dataset), generator=generator)
         order = order.repeat(-(-self.total_size // len(order)))[:self.total_size]  # pad so every rank gets as many
-        order, self.skip = order[self.rank::self.num_replicas][self.skip:], 0
-        return iter(order.tolist())
+        epoch, skip = self.resume_at or (self.epoch, 0)
+        self.resume_at = None
+        return iter(order[self.rank::self.num_replicas][skip if epoch == self.epoch else 0:].tolist())
+
+
+class ResumableLoader(DataLoader):
+    """The training DataLoader, resumable in Lightning's sense (`state_dict` / `load_state_dict`): a checkpoint
+    records the epoch and the batches trained in it (``position``, from the Trainer, which knows what was trained
+    rather than prefetched), and a run restored from it continues that epoch's order where it stopped."""
+
+    position: Callable[[], tuple[int, int]] | None = None
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, batches = self.position() if self.position is not None else (self.sampler.epoch, 0)
+        return {"epoch": epoch, "batches_trained": batches}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.resume_at = (state["epoch"], state["batches_trained"] * self.batch_size)
 
 
 class DataModule(pl.LightningDataModule):
@@ -403,24 +419,23 @@ class DataModule(pl.LightningDataModule):
         dataset = self.splits[split]
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # set by seed_everything, as Lightning's own samplers do
         workers = self.hparams.num_workers
-        ranks = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+        trainer = self.trainer
+        ranks = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         # Own generator: creating an iterator then never draws from the global RNG, which the model's dropout
         # uses, so a resumed run's dropout masks match an uninterrupted run's.
-        return DataLoader(dataset, batch_size=self.hparams.batch_size, collate_fn=keep_batch,
-                          sampler=EpochShuffleSampler(dataset, seed, *ranks) if shuffle else None,
-                          generator=torch.Generator().manual_seed(seed), num_workers=workers,
-                          persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
+        loader = (ResumableLoader if shuffle else DataLoader)(
+            dataset, batch_size=self.hparams.batch_size, collate_fn=keep_batch,
+            sampler=EpochShuffleSampler(dataset, seed, *ranks) if shuffle else None,
+            generator=torch.Generator().manual_seed(seed), num_workers=workers, persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available())
+        if shuffle and trainer is not None:
+            loop = trainer.fit_loop
+            loader.position = lambda: (loop.epoch_progress.current.completed,
+                                       loop.epoch_loop.batch_progress.current.completed)
+        return loader
 
     def train_dataloader(self) -> DataLoader:
-        loader = self._loader("train", shuffle=True)
-        trainer = self.trainer
-        if trainer is not None and trainer.fit_loop.restarting:
-            # Resumed from a checkpoint taken mid-epoch (a requeued SLURM job): Lightning restores the loop's
-            # position, so continue this epoch's order after the batches it had already trained on.
-            done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
-            loader.sampler.set_epoch(trainer.current_epoch)
-            loader.sampler.skip = done * self.hparams.batch_size
-        return loader
+        return self._loader("train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)

@@ -77,8 +77,10 @@ def test_ddp_ranks_split_each_epoch_and_a_resumed_rank_skips_what_it_trained():
     shards = [list(sampler) for sampler in ranks]
     assert shards == [order[0::2], order[1::2] + order[:1]]  # padded with the first index, so both get 26
     assert len(ranks[1]) == 26
-    ranks[1].skip = 10  # resumed after 10 samples of this rank's epoch-2 shard
+    ranks[1].resume_at = (2, 10)  # resumed after 10 samples of this rank's epoch-2 shard
     assert list(ranks[1]) == shards[1][10:] and list(ranks[1]) == shards[1]  # the skip applies to one pass only
+    ranks[1].resume_at = (1, 10)  # saved at the end of epoch 1: epoch 2 is whole
+    assert list(ranks[1]) == shards[1]
 
 
 @pytest.mark.parametrize("kwargs, message", [
