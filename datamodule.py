@@ -343,11 +343,12 @@ class ResumableLoader(DataLoader):
     position: Callable[[], tuple[int, int]] | None = None
 
     def state_dict(self) -> dict[str, int]:
-        epoch, batches = self.position() if self.position is not None else (self.sampler.epoch, 0)
+        epoch, batches = self.position() if self.position is not None else (getattr(self.sampler, "epoch", 0), 0)
         return {"epoch": epoch, "batches_trained": batches}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.sampler.resume_at = (state["epoch"], state["batches_trained"] * self.batch_size)
+        if isinstance(self.sampler, EpochShuffleSampler):  # Lightning swaps in a SequentialSampler for overfit_batches
+            self.sampler.resume_at = (state["epoch"], state["batches_trained"] * self.batch_size)
 
 
 class DataModule(pl.LightningDataModule):
