@@ -24,8 +24,11 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def script_env(**extra: str) -> dict[str, str]:
-    """Environment for a child process: one torch thread (two 2-thread processes on 2 cores run ~15x slower)."""
+    """Environment for a child process: one torch thread (two 2-thread processes on 2 cores run ~15x slower), and
+    not this process's wandb service (WANDB_SERVICE, set once a test here ran wandb): a child would log through it,
+    and a killed-and-requeued job's run would still be open there ("run ID ... is in use")."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("WANDB_SERVICE", None)
     env.update(extra)
     return env
 

@@ -59,7 +59,9 @@ class SlurmCluster:
     submitted: list[str] = field(default_factory=list)
 
     def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
-        return {**(os.environ if base is None else base), "SLURM_CONF": self.conf}
+        env = {**(os.environ if base is None else base), "SLURM_CONF": self.conf}
+        env.pop("WANDB_SERVICE", None)  # jobs must not log through this process's wandb service (see script_env)
+        return env
 
     def run(self, *args: str, timeout: float = 30, **kwargs) -> subprocess.CompletedProcess:
         env = self.env(kwargs.pop("env", None))
