@@ -317,7 +317,7 @@ class EpochShuffleSampler(DistributedSampler):
     """A new permutation every epoch that depends only on (seed, epoch), not on the global RNG; under DDP each rank
     takes every num_replicas-th index of it (padded, as torch's DistributedSampler does).
 
-    So a run resumed from a checkpoint sees exactly the batches an uninterrupted run would; `resume` makes that
+    So a run resumed from a checkpoint sees exactly the batches an uninterrupted run would; `resume_at` makes that
     epoch's pass start after the samples this rank had already trained on. Being a DistributedSampler, Lightning
     uses it as it is under DDP instead of swapping in its own, which cannot skip.
     """
