@@ -188,7 +188,9 @@ def test_the_requeue_signal_is_handled_at_a_batch_boundary_and_marks_sweep_runs(
         decisions = []
         other_rank_got_it = SimpleNamespace(reduce_boolean_decision=lambda mine, all: decisions.append(mine) or True)
         rank1 = SimpleNamespace(is_global_zero=False, world_size=2, strategy=other_rank_got_it)
-        callback.on_train_batch_start(rank1, None, None, 1)
+        callback.on_train_batch_start(rank1, None, None, 1)  # ranks agree only every 10th batch
+        assert decisions == [] and len(calls) == 2
+        callback.on_train_batch_start(rank1, None, None, 10)
         assert decisions == [False] and calls[-1] == "lightning requeue" and len(calls) == 3
     finally:
         signal.signal(signal.SIGUSR1, original)
