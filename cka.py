@@ -60,18 +60,6 @@ def _exact(device: torch.device) -> Iterator[None]:
             setattr(backend, name, value)
 
 
-def _centred(xs: Sequence[Tensor], dtype: torch.dtype, out: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
-    """Activations flattened to (n, p_i) and centred, as column blocks of one (n, sum p_i) matrix (the feature form's
-    concatenation, without a copy); ``out``, if given, is reused for it (see MinibatchCKA)."""
-    flat = [x.detach().reshape(x.shape[0], -1) for x in xs]
-    widths = [f.shape[1] for f in flat]
-    out = torch.empty(len(flat[0]), sum(widths), dtype=dtype, device=flat[0].device) if out is None else out
-    # Centring first keeps float32 Grams accurate and makes K = HKH exact; fp16/bf16 are upcast by type promotion.
-    for f, block in zip(flat, out.split(widths, 1), strict=True):
-        torch.sub(f, f.mean(0, keepdim=True, dtype=dtype), out=block)
-    return out, list(out.split(widths, 1))
-
-
 def _buffer(scratch: dict[str, Tensor] | None, key: str, shape: tuple[int, int], dtype: torch.dtype,
             device: torch.device) -> Tensor:
     """An uninitialised tensor: ``scratch[key]`` (grown or replaced as needed) viewed as ``shape``, or a new one. On
@@ -83,6 +71,19 @@ def _buffer(scratch: dict[str, Tensor] | None, key: str, shape: tuple[int, int],
     if old is None or old.numel() < numel or old.dtype != dtype or old.device != device:
         scratch[key] = old = torch.empty(numel, dtype=dtype, device=device)
     return old[:numel].view(shape)
+
+
+def _centred(xs: Sequence[Tensor], dtype: torch.dtype, scratch: dict[str, Tensor] | None = None,
+             key: str = "x") -> tuple[Tensor, list[Tensor]]:
+    """Activations flattened to (n, p_i) and centred, as column blocks of one (n, sum p_i) matrix (the feature form's
+    concatenation, without a copy), held in ``scratch[key]`` when a scratch dict is given (see MinibatchCKA)."""
+    flat = [x.detach().reshape(x.shape[0], -1) for x in xs]
+    widths = [f.shape[1] for f in flat]
+    out = _buffer(scratch, key, (len(flat[0]), sum(widths)), dtype, flat[0].device)
+    # Centring first keeps float32 Grams accurate and makes K = HKH exact; fp16/bf16 are upcast by type promotion.
+    for f, block in zip(flat, out.split(widths, 1), strict=True):
+        torch.sub(f, f.mean(0, keepdim=True, dtype=dtype), out=block)
+    return out, list(out.split(widths, 1))
 
 
 def _check(xs: Sequence[Tensor], ys: Sequence[Tensor], debiased: bool) -> int:
@@ -147,9 +148,8 @@ def _hsic_parts(xs: Sequence[Tensor], ys: Sequence[Tensor] | None, scratch: dict
     n = _check(xs, xs if same else ys, debiased=False)
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in [*xs, *(ys or [])]) else torch.float32  # no fp16
     dev, acc = xs[0].device, torch.float32 if xs[0].device.type == "mps" else torch.float64  # MPS has no float64
-    cat_x, fx = _centred(xs, dtype, _buffer(scratch, "x", (n, sum(x[0].numel() for x in xs)), dtype, dev))
-    cat_y, fy = (cat_x, fx) if same else _centred(ys, dtype, _buffer(scratch, "y", (n, sum(y[0].numel() for y in ys)),
-                                                                      dtype, dev))
+    cat_x, fx = _centred(xs, dtype, scratch, "x")
+    cat_y, fy = (cat_x, fx) if same else _centred(ys, dtype, scratch, "y")
     wx, wy = [f.shape[1] for f in fx], [f.shape[1] for f in fy]
     cpu = dev.type == "cpu"
     layout = _layout(n, cpu)  # the packed Grams' blocks

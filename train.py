@@ -195,6 +195,7 @@ class RequeueAtBatchBoundary(Callback):
 
     def __init__(self) -> None:
         self.pending: tuple[Any, Any] | None = None
+        self.lightning_handler: Any = None
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.lightning_handler = signal.getsignal(signal.SIGUSR1) if hasattr(signal, "SIGUSR1") else None
@@ -202,7 +203,7 @@ class RequeueAtBatchBoundary(Callback):
             signal.signal(signal.SIGUSR1, lambda signum, frame: setattr(self, "pending", (signum, frame)))
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        if not callable(getattr(self, "lightning_handler", None)):
+        if not callable(self.lightning_handler):
             return  # not under Slurm with auto-requeue: Lightning installed no handler
         pending = self.pending is not None
         if trainer.world_size > 1:  # DDP: all ranks act at the same batch, as saving is collective. Agreeing costs an

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import os
 import statistics
 import sys
 import time
@@ -44,8 +43,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-os.environ.setdefault("MPLBACKEND", "Agg")  # some peers import pyplot at import time
-os.environ.setdefault("TQDM_DISABLE", "1")  # and draw progress bars
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
+import os
 import sys
 import types
 import warnings
@@ -23,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+os.environ.setdefault("MPLBACKEND", "Agg")  # some peers import pyplot at import time
+os.environ.setdefault("TQDM_DISABLE", "1")  # and draw progress bars
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # ours first: this folder holds a cka.py too
 
 import numpy as np  # noqa: E402
