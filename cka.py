@@ -1,16 +1,18 @@
-"""Exact, fast Centered Kernel Alignment (CKA) between layer activations.
+"""Exact, fast Centered Kernel Alignment (CKA) between layer activations: the numerics, nothing of the project.
 
 Linear CKA (Kornblith et al. 2019), RBF CKA with the reference notebook's median-distance bandwidth, debiased CKA
 (unbiased HSIC of Song et al. 2012) and minibatch CKA (Nguyen, Raghu & Kornblith 2021, eq. 3) as a torchmetrics
-``Metric`` that sums over DDP ranks. Depends on torch, torchmetrics and (for the heatmap only) matplotlib.
+``Metric`` that sums over DDP ranks. Depends on torch and torchmetrics only.
 
     python -c "import torch, cka; x = torch.randn(500, 64); print(cka.linear_cka(x, x @ torch.randn(64, 32)))"
     python -c "import torch, cka; xs = [torch.randn(256, 3, 8, 8), torch.randn(256, 10)]; print(cka.cka_matrix(xs))"
     python -m pytest tests/test_cka.py -q && python benchmarks/cka.py --quick
     python cka.py runs/A/checkpoints/last.ckpt runs/B/checkpoints/last.ckpt --out heatmap.png   # two trained models
 
-In a validation loop: ``metric = MinibatchCKA(len(names))``; ``with LayerRecorder(model, names) as rec:`` run each
-batch, ``metric.update(rec.collect())``; then ``plot_cka_heatmap(metric.compute(), names, names, path="cka.png")``.
+The last line runs support/cka_monitor.py's command line, where the machinery around these numerics lives: the
+forward hooks (``LayerRecorder``), the heatmap, the checkpoint comparison and ``CKAMonitor``, the Lightning callback
+that train.py uses. By hand: ``metric = MinibatchCKA(len(acts))``, ``metric.update(acts)`` for each batch's list of
+layer activations, then ``metric.compute()``.
 
 Numerics: activations are flattened to (n, features), upcast from fp16/bf16 to float32 (float64 stays float64) and
 centred before any product, under disabled autocast and IEEE fp32 matmuls (no TF32/bf16), in the feature form (X'Y)
@@ -20,23 +22,17 @@ or the Gram form (XX', upper blocks only), whichever is cheaper; HSIC terms are 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import importlib
-import os
 import sys
-import uuid
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torchmetrics import Metric
 
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
+__all__ = ["MIN_SAMPLES", "MinibatchCKA", "cka_matrix", "debiased_cka", "linear_cka", "rbf_cka"]
 
-__all__ = ["LayerRecorder", "MinibatchCKA", "cka_matrix", "debiased_cka", "linear_cka", "plot_cka_heatmap", "rbf_cka"]
+MIN_SAMPLES = 4  # the unbiased HSIC estimator's minimum batch size (its n(n-3) normaliser)
 
 
 @contextlib.contextmanager
@@ -90,9 +86,9 @@ def _check(xs: Sequence[Tensor], ys: Sequence[Tensor], debiased: bool) -> int:
     sizes = {t.shape[0] if t.dim() else 0 for t in [*xs, *ys]}
     if len(xs) == 0 or len(ys) == 0 or len(sizes) != 1:
         raise ValueError(f"need activations on both sides, all with the same number of samples; got sizes {sizes}")
-    if (n := sizes.pop()) < 4 and debiased:
-        raise ValueError(f"debiased CKA needs at least 4 samples per batch, got {n}: use a larger validation "
-                         "batch_size")
+    if (n := sizes.pop()) < MIN_SAMPLES and debiased:
+        raise ValueError(f"debiased CKA needs at least {MIN_SAMPLES} samples per batch, got {n}: use a larger "
+                         "validation batch_size")
     if n < 2:
         raise ValueError(f"CKA needs at least 2 samples, got {n}")
     return n
@@ -224,7 +220,7 @@ def linear_cka(x: Tensor, y: Tensor) -> Tensor:
 
 
 def debiased_cka(x: Tensor, y: Tensor) -> Tensor:
-    """Linear CKA from the unbiased HSIC estimator (Song et al. 2012); needs n >= 4. A 0-dim float64 tensor."""
+    """Linear CKA from the unbiased HSIC (Song et al. 2012), for n >= MIN_SAMPLES; a 0-dim float64 tensor."""
     return cka_matrix([x], [y], debiased=True)[0, 0]
 
 
@@ -268,8 +264,9 @@ class MinibatchCKA(Metric):
 
     ``update`` adds each layer pair's unbiased HSIC of one batch (normalised by its own n(n-3), so a ragged last batch
     counts right) to sums; ``compute()`` sums them across DDP ranks and returns HSIC_xy / sqrt(HSIC_xx HSIC_yy) as a
-    (num_layers_x, num_layers_y) tensor. States are float64: the sums run over many batches and ranks and a batch's
-    HSIC is a small difference of large terms, yet they are a few hundred numbers (MPS: ``state_dtype=float32``).
+    (num_layers_x, num_layers_y) tensor (0-dim for 1 x 1: torchmetrics squeezes single values). States are float64:
+    the sums run over many batches and ranks and a batch's HSIC is a small difference of large terms, yet they are a
+    few hundred numbers (MPS: ``state_dtype=float32``).
     """
 
     is_differentiable = False
@@ -314,150 +311,7 @@ class MinibatchCKA(Metric):
         return self.hsic_xy / torch.sqrt(self.hsic_xx[:, None] * self.hsic_yy[None, :])
 
 
-class LayerRecorder:
-    """``with LayerRecorder(model, ["layer1", "fc"]) as rec: model(x); acts = rec.collect()``: the detached outputs
-    (first element of a tuple) of the named submodules (as in ``model.named_modules()``) in the last forward, in the
-    order of ``names``. Forward hooks are removed on exit."""
+if __name__ == "__main__":  # the checkpoint comparison; imported here only, so `import cka` never loads Lightning
+    from support.cka_monitor import main
 
-    _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
-
-    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
-        modules = dict(model.named_modules())
-        if unknown := [name for name in names if name not in modules]:
-            valid = [k for k, m in modules.items() if k and not isinstance(m, self._CONTAINERS)]
-            raise ValueError(f"unknown layer name(s) {unknown}; valid names: {valid}")
-        if containers := [name for name in names if isinstance(modules[name], self._CONTAINERS)]:
-            raise ValueError(f"layer(s) {containers} are containers (Sequential/ModuleList/ModuleDict) whose output "
-                             "is just their last child's (or that have no forward): name a child module instead")
-        if len(set(names)) != len(names):
-            raise ValueError(f"duplicate layer names in {list(names)}")
-        self.names, self._modules = list(names), [modules[name] for name in names]  # fail here, not mid-epoch
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self.activations: dict[str, Tensor] = {}
-
-    def _hook(self, name: str) -> Callable[[nn.Module, object, object], None]:
-        def hook(module: nn.Module, args: object, output: object) -> None:
-            output = output[0] if isinstance(output, (tuple, list)) else output
-            if not isinstance(output, Tensor):
-                raise TypeError(f"layer {name!r} returned {type(output).__name__}, not a tensor (or tuple of them)")
-            self.activations[name] = output.detach()
-        return hook
-
-    def __enter__(self) -> LayerRecorder:
-        if self._handles:
-            raise RuntimeError("LayerRecorder is already active")
-        self._handles = [m.register_forward_hook(self._hook(n)) for n, m in zip(self.names, self._modules, strict=True)]
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles, self.activations = [], {}
-
-    def collect(self) -> list[Tensor]:
-        """The recorded activations in ``names`` order; clears them so a stale batch is never returned twice."""
-        if missing := [name for name in self.names if name not in self.activations]:
-            raise RuntimeError(f"no output recorded for layer(s) {missing}: did the forward pass run through them?")
-        out, self.activations = [self.activations[name] for name in self.names], {}
-        return out
-
-
-def plot_cka_heatmap(matrix: Tensor, x_names: Sequence[str], y_names: Sequence[str], path: str | None = None,
-                     title: str = "CKA") -> Figure:
-    """Heatmap of ``matrix[i, j]`` = CKA(x_names[i], y_names[j]) (rows on the vertical axis); returns the Figure.
-    Uses the Agg canvas directly (no pyplot, never a display). With ``path`` the PNG goes to a temporary file in the
-    same directory, then is renamed, so a reader never sees a half-written image."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    values = torch.as_tensor(matrix).detach().cpu().double().numpy()
-    if values.shape != (len(x_names), len(y_names)):
-        raise ValueError(f"matrix shape {values.shape} does not match {len(x_names)} x names, {len(y_names)} y names")
-    rows, cols = values.shape
-    fig = Figure(figsize=(max(4.0, 0.6 * cols + 2.5), max(3.5, 0.5 * rows + 2.0)), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    fig.colorbar(ax.imshow(values, vmin=0.0, vmax=1.0, cmap="magma", origin="lower", aspect="auto"), ax=ax, label="CKA")
-    ax.set_xticks(range(cols), labels=list(y_names), rotation=45, ha="right")
-    ax.set_yticks(range(rows), labels=list(x_names))
-    ax.set_title(title)
-    for i, j in [(i, j) for i in range(rows) for j in range(cols)] if rows <= 12 and cols <= 12 else []:
-        ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=8,  # readable on small matrices
-                color="black" if values[i, j] > 0.6 else "white")
-    if path is not None:
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")  # open() honours umask
-        try:
-            with open(tmp, "xb") as fh:
-                fig.savefig(fh, format="png", dpi=120)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-    return fig
-
-
-def _load(checkpoint: str, key: str) -> object:
-    """Rebuild the model or DataModule of a template checkpoint from the class path that train.py's CKAMonitor
-    stores in it (so this file needs no import of the project's modules)."""
-    paths = torch.load(checkpoint, map_location="cpu", weights_only=True).get("class_paths", {})
-    if key not in paths:
-        raise ValueError(f"{checkpoint} names no {key} class: use a checkpoint written by train.py")
-    module, _, name = paths[key].rpartition(".")
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the template's modules live beside this file
-    return getattr(importlib.import_module(module), name).load_from_checkpoint(checkpoint, map_location="cpu")
-
-
-def compare_checkpoints(ckpt_a: str, ckpt_b: str, out: str, layers: list[str] | None = None,
-                        data_dir: str | None = None) -> Tensor:
-    """Minibatch CKA between the layers of two trained models over A's validation data; writes the heatmap."""
-    model_a, model_b = (_load(path, "model").eval() for path in (ckpt_a, ckpt_b))
-    data = _load(ckpt_a, "datamodule")
-    if data_dir is not None:
-        data.hparams.data_dir = data_dir
-    names = layers or list(getattr(model_a, "cka_layers", []))
-    if not names:
-        raise ValueError("the model has no cka_layers property: name the layers with --layers")
-    data.prepare_data()
-    data.setup("validate")
-    metric = MinibatchCKA(len(names))
-    with LayerRecorder(model_a, names) as rec_a, LayerRecorder(model_b, names) as rec_b, torch.no_grad():
-        for x, *_ in data.val_dataloader():
-            model_a(x)
-            model_b(x)
-            acts_a, acts_b = rec_a.collect(), rec_b.collect()
-            if len(x) >= 4:  # the unbiased estimator's minimum; only a tiny ragged last batch is left out
-                metric.update(acts_a, acts_b)
-    matrix = metric.compute()
-    title = f"CKA: {os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(ckpt_a))))} vs " \
-            f"{os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(ckpt_b))))}"
-    plot_cka_heatmap(matrix, [f"A {n}" for n in names], [f"B {n}" for n in names], path=out, title=title).clear()
-    return matrix
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Compare the layers of two trained checkpoints by minibatch CKA.")
-    parser.add_argument("ckpt_a")
-    parser.add_argument("ckpt_b")
-    parser.add_argument("--out", default="cka_heatmap.png", help="PNG to write")
-    parser.add_argument("--layers", nargs="+", help="module names (default: the model's cka_layers)")
-    parser.add_argument("--data_dir", help="where the validation data lives, if not where A was trained")
-    args = parser.parse_args(argv)
-    for path in (args.ckpt_a, args.ckpt_b):
-        if not os.path.isfile(path):
-            print(f"error: checkpoint {path} does not exist", file=sys.stderr)
-            return 2
-    try:
-        matrix = compare_checkpoints(args.ckpt_a, args.ckpt_b, args.out, args.layers, args.data_dir)
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"CKA (rows: layers of A, columns: layers of B), heatmap written to {args.out}")
-    for row in matrix.tolist():
-        print("  ".join(f"{value:.4f}" for value in row))
-    return 0
-
-
-if __name__ == "__main__":
     sys.exit(main())

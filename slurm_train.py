@@ -27,12 +27,12 @@ import shutil
 import subprocess
 import sys
 import time
-import uuid
-import warnings
 from pathlib import Path
 from typing import Any
 
 import sweep
+from support.atomic import write_atomic
+from support.runs import tasks_devices_mismatch, timestamped_name
 
 REPO_DIR = Path(__file__).resolve().parent
 # Partition names and limits change: check the cluster's documentation (`sinfo -s`). Same as sbatch_agent.sh.
@@ -87,14 +87,12 @@ def _device_count(devices: Any, gpus: int) -> int | None:
 
 
 def _parse(argv: list[str], index: int) -> Any:
-    import train  # here, not at the top: --help and --resume should not wait for torch
-
     try:
-        with warnings.catch_warnings():  # Lightning warns when args= comes with a sys.argv (ours)
-            warnings.simplefilter("ignore")
-            return train.parse_config(argv)
+        return sweep.train_config(argv)  # loads torch: only here, so --help and --resume need not wait for it
     except Exception as err:  # jsonargparse's ArgumentError, or a constructor's ValueError/TypeError
-        raise LaunchError(f"row {index} ({shlex.join(argv)}): train.py rejects it: {train.one_line(err)}") from None
+        from support.training import one_line
+
+        raise LaunchError(f"row {index} ({shlex.join(argv)}): train.py rejects it: {one_line(err)}") from None
 
 
 def check_rows(rows: list[dict[str, Any]], extra: list[str], res: dict[str, Any]) -> None:
@@ -121,13 +119,8 @@ def check_rows(rows: list[dict[str, Any]], extra: list[str], res: dict[str, Any]
                 _parse(sweep.to_argv(dict(items)) + extra, index)
             raise
         count = _device_count(config.trainer.devices, gpus)
-        if (gpus or tasks > 1) and count != tasks:
-            raise LaunchError(f"trainer.devices={config.trainer.devices} but the job runs {tasks} task(s) per "
-                              f"node: Lightning needs one srun task per device; pass --ntasks-per-node {count} "
-                              f"or -- --trainer.devices={tasks}")
-        if config.trainer.num_nodes != nodes:
-            raise LaunchError(f"trainer.num_nodes={config.trainer.num_nodes} but --nodes {nodes}: "
-                              f"append -- --trainer.num_nodes={nodes}")
+        if count is not None and (problem := tasks_devices_mismatch(tasks * nodes, count, config.trainer.num_nodes)):
+            raise LaunchError(f"row {picked[0][1]}: {problem} (here: --ntasks-per-node, --nodes, or -- --trainer.*)")
 
 
 def resources(args: argparse.Namespace) -> dict[str, Any]:
@@ -137,12 +130,8 @@ def resources(args: argparse.Namespace) -> dict[str, Any]:
     res.update({k: getattr(args, k) for k in RESOURCES if getattr(args, k) is not None})
     if preset.get("needs_account") and not res.get("account"):
         raise LaunchError(f"--preset {args.preset} needs --account (every job there names its project)")
-    gpus = res["gpus_per_node"]
     if res.get("ntasks_per_node") is None:
-        res["ntasks_per_node"] = gpus or 1  # one srun task per GPU, what Lightning expects
-    elif gpus and res["ntasks_per_node"] != gpus:
-        raise LaunchError(f"--ntasks-per-node {res['ntasks_per_node']} must equal --gpus-per-node {gpus}: "
-                          "Lightning runs one srun task per GPU")
+        res["ntasks_per_node"] = res["gpus_per_node"] or 1  # one srun task per GPU, what Lightning expects
     res["gres"] = bool(preset.get("gres"))
     return res
 
@@ -190,10 +179,7 @@ if [ -f "$row_dir/checkpoints/last.ckpt" ] && ! compgen -G "$row_dir/hpc_ckpt_*.
 fi
 launch=()
 if [ -n "${{SLURM_JOB_ID:-}}" ]; then
-  tasks=${{SLURM_NTASKS_PER_NODE:-1}}
-  if [ "${{SLURM_GPUS_ON_NODE:-0}}" -gt 0 ] && [ "${{SLURM_GPUS_ON_NODE}}" != "$tasks" ]; then
-    die "$SLURM_GPUS_ON_NODE GPUs per node but --ntasks-per-node=$tasks: Lightning needs one srun task per GPU"
-  fi
+  tasks=${{SLURM_NTASKS_PER_NODE:-1}}  # train.py checks on every task that they match the Trainer's devices
   # Since Slurm 22.05 srun no longer inherits --cpus-per-task from sbatch.
   if [ -n "${{SLURM_CPUS_PER_TASK:-}}" ]; then export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK; fi
   launch=(srun --ntasks-per-node="$tasks" --kill-on-bad-exit=1)
@@ -208,13 +194,6 @@ printf '{{"row": %s, "job": "%s", "host": "%s", "start": %s, "end": %s}}\\n' "$r
   > "$row_dir/.done.$$"
 mv "$row_dir/.done.$$" "$row_dir/done"
 """
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """tmp + rename: a reader (an array task, --resume) never sees a half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def unfinished(grid_dir: Path) -> list[int]:
@@ -294,7 +273,7 @@ def run_local(grid_dir: Path, indices: list[int], k: int) -> int:
 
 
 def new_grid_dir(root: Path) -> Path:
-    return root / ("grid-" + time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6])
+    return root / timestamped_name("grid-")
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:

@@ -2,11 +2,14 @@
 
     python sweep.py --dry-run                      # check SWEEP_CONFIG offline: wandb's schema, every key and value
     python sweep.py                                # check, create the sweep on wandb, print the agent commands
-    python sweep.py --entity me --project proj     # where (default WANDB_ENTITY / WANDB_PROJECT, else mlmodeldev)
+    python sweep.py --entity me --project proj     # where (default WANDB_ENTITY / WANDB_PROJECT, else the clone's name)
     python sweep.py --list                         # every run of the grid as a train.py command, no server needed
     python sweep.py --list --samples 20 --seed 0   # 20 random draws instead, the same ones on every call
     ./run_sweep.sh ENTITY/PROJECT/SWEEP_ID [COUNT]                  # agents on this machine, one per GPU
     sbatch --array=0-19%4 sbatch_agent.sh ENTITY/PROJECT/SWEEP_ID   # 20 agent tasks on SLURM, 4 at a time
+
+Make it your own: SWEEP_CONFIG below is the one thing to edit (parameters are train.py's dotted keys). Its metric
+defaults to train.py's MONITOR / MONITOR_MODE; name another one in "metric" to rank the sweep's runs by it.
 
 The agent starts `python train.py --key=value ...` as a new process for every run (command mode), so each run
 parses its own settings like any other train.py run, and every DDP rank gets the same argv. From Python
@@ -24,13 +27,13 @@ import random
 import re
 import shlex
 import sys
-import urllib.error
-import urllib.request
 import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from support.wandb_access import agent_problem, has_wandb_credentials
 
 with warnings.catch_warnings():  # sweeps 0.2.0 declares pydantic-v1 settings, which pydantic 2 warns about
     warnings.simplefilter("ignore", UserWarning)
@@ -44,8 +47,8 @@ SWEEP_CONFIG: dict[str, Any] = {
     # ${args} becomes one `--key=value` element per parameter (Python str() of the value): train.py's syntax.
     "command": ["${env}", "${interpreter}", "${program}", "${args}"],
     "method": "random",  # grid | random | bayes
-    "metric": {"name": "val/loss", "goal": "minimize"},  # model.py logs it at the end of every validation epoch
-    # Hyperband stops runs whose val/loss trails the others' at epochs 3, 9, 27 (min_iter * eta**k).
+    # "metric": {"name": "val/acc", "goal": "maximize"},  # default: train.py's MONITOR, MONITOR_MODE
+    # Hyperband stops runs whose metric trails the others' at epochs 3, 9, 27 (min_iter * eta**k).
     "early_terminate": {"type": "hyperband", "min_iter": 3, "eta": 3},
     # Full dotted train.py keys (see `python train.py --help`). Lists of values keep the grid enumerable;
     # random and bayes also take distributions: {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-2}.
@@ -58,15 +61,14 @@ SWEEP_CONFIG: dict[str, Any] = {
     },
 }
 
-OFFLINE_HINT = ("on machines without internet, run the sweep offline instead: `python sweep.py --list` (or "
-                "slurm_train.py) enumerates the same SWEEP_CONFIG, then `wandb sync` the runs")
+REPO_DIR = Path(__file__).resolve().parent
 
 
 class SweepConfigError(ValueError):
     """A sweep config that wandb or train.py would reject; the message names every offending key, one per line."""
 
 
-def _plain(value: Any) -> Any:
+def as_agent_value(value: Any) -> Any:
     """numpy scalars and tuples as the JSON values a wandb agent receives from the server."""
     return json.loads(json.dumps(value, default=lambda v: v.item() if isinstance(v, np.generic) else str(v)))
 
@@ -78,7 +80,7 @@ def _check_values(name: str, spec: dict[str, Any]) -> list[Any]:
         return [param.config["value"]]
     if param.type in (HyperParameter.CATEGORICAL, HyperParameter.CATEGORICAL_PROB):
         return list(param.config["values"])
-    return [_plain(param.ppf(q)) for q in (0.01, 0.5, 0.99)]  # ppf(0) or ppf(1) is infinite for some
+    return [as_agent_value(param.ppf(q)) for q in (0.01, 0.5, 0.99)]  # ppf(0) or ppf(1) is infinite for some
 
 
 def _lookup(tree: dict[str, Any], key: str) -> Any:
@@ -91,29 +93,66 @@ def _lookup(tree: dict[str, Any], key: str) -> Any:
     return node
 
 
-def _same(parsed: Any, value: Any) -> bool:
+def reaches_unchanged(parsed: Any, value: Any) -> bool:
+    """Whether the value train.py parsed is the value the sweep gave."""
     if isinstance(parsed, dict) and "class_path" in parsed:  # --optimizer=SGD: a class given by (short) name
         return value in (parsed["class_path"], parsed["class_path"].rsplit(".", 1)[-1])
-    return _plain(parsed) == _plain(value)
+    return as_agent_value(parsed) == as_agent_value(value)
 
 
-def logged_metrics() -> set[str]:
-    """Metric names the model logs: read from its `self.log("name", ...)` calls, so a renamed metric is noticed."""
+def logged_metric_names() -> tuple[set[str], list[re.Pattern[str]], bool]:
+    """What the model logs, read from the source of train.MODEL_CLASS's file: the literal names of its
+    `self.log("name", ...)` calls, the patterns of f-string names (`f"{stage}/loss"` matches val/loss), and whether
+    some log call names its metrics in a way that only running tells (a variable, log_dict)."""
+    import ast
     import inspect
 
     import train
 
-    source = Path(inspect.getsourcefile(train.ImageClassifier) or "model.py").read_text()
-    return set(re.findall(r"""\.log\(\s*["']([^"']+)["']""", source))
+    tree = ast.parse(Path(inspect.getsourcefile(train.MODEL_CLASS) or "model.py").read_text())
+    names, patterns, unknowable = set(), [], False
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+            continue
+        if node.func.attr == "log_dict":
+            unknowable = True
+        if node.func.attr != "log" or not node.args:
+            continue
+        first = node.args[0]
+        if isinstance(first, ast.Constant) and isinstance(first.value, str):
+            names.add(first.value)
+        elif isinstance(first, ast.JoinedStr):  # an f-string: its literal parts, anything in between
+            parts = [re.escape(p.value) if isinstance(p, ast.Constant) else ".+" for p in first.values]
+            patterns.append(re.compile("".join(parts)))
+        else:
+            unknowable = True
+    return names, patterns, unknowable
+
+
+def metric_problem(metric: str) -> tuple[str, bool] | None:
+    """Why `metric` may never be logged, and whether that is certain (an error) or only unverifiable (a warning)."""
+    names, patterns, unknowable = logged_metric_names()
+    if metric in names or any(p.fullmatch(metric) for p in patterns):
+        return None
+    logged = ", ".join(sorted(names) + [p.pattern.replace("\\", "") for p in patterns]) or "nothing found"
+    if unknowable:
+        return f"{metric!r} is not among the names the model's source logs ({logged}); it may be logged under a name " \
+               "only a run shows", False
+    return f"{metric!r} is never logged; the model logs {logged}", True
+
+
+def train_config(argv: list[str]) -> Any:
+    """The config (a jsonargparse Namespace) train.py would run with this argv; raises what train.py would reject
+    it with. The one way sweep.py and slurm_train.py read train.py's settings."""
+    import train  # imported here, not at the top: --check-agent runs on login nodes and should not load torch
+
+    with warnings.catch_warnings():  # Lightning warns when args= comes with a sys.argv (this script's own)
+        warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python")
+        return train.parse_config(argv)
 
 
 def _parse(run: dict[str, Any]) -> dict[str, Any]:
-    """The config train.py would run with this run's argv (raises what train.py would reject it with)."""
-    import train  # imported here, not at the top: --check-agent runs on login nodes and should not load torch
-
-    with warnings.catch_warnings():  # Lightning warns when args= comes with a sys.argv (sweep.py's own)
-        warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python")
-        return train.parse_config(to_argv(run)).as_dict()
+    return train_config(to_argv(run)).as_dict()
 
 
 def _culprit(run: dict[str, Any], message: str) -> str:
@@ -134,7 +173,7 @@ def _culprit(run: dict[str, Any], message: str) -> str:
 def _cli_errors(parameters: dict[str, dict[str, Any]]) -> list[str]:
     """Parse every value of every parameter as train.py would (one at a time, the others at their first value)
     and check that it arrives unchanged: `--key=None` or `--key=1e-05` must mean what the sweep says."""
-    import train
+    from support.training import one_line  # loads torch: only when a config is checked
 
     values = {name: _check_values(name, spec) for name, spec in parameters.items()}
     base = {name: vals[0] for name, vals in values.items()}
@@ -144,7 +183,7 @@ def _cli_errors(parameters: dict[str, dict[str, Any]]) -> list[str]:
         try:
             parsed = _parse(run)
         except Exception as err:  # jsonargparse's ArgumentError, or TypeError/ValueError from a constructor
-            message = train.one_line(err)
+            message = one_line(err)
             if message not in culprits:
                 culprits[message] = _culprit(run, message)
             name = culprits[message]
@@ -158,15 +197,41 @@ def _cli_errors(parameters: dict[str, dict[str, Any]]) -> list[str]:
             except (KeyError, TypeError):
                 errors.setdefault(name, f"parameters/{name}: not a train.py key")
                 continue
-            if not _same(got, value):
+            if not reaches_unchanged(got, value):
                 errors.setdefault(name, f"parameters/{name}: value {value!r} reaches train.py as {got!r} "
                                         f"(the agent passes --{name}={value}); leave it out to get the default")
     return list(errors.values())
 
 
+def with_default_metric(config: dict[str, Any]) -> dict[str, Any]:
+    """The config with "metric" filled from train.py's MONITOR / MONITOR_MODE when it names none."""
+    if "metric" in config:
+        return config
+    import train
+
+    goal = {"min": "minimize", "max": "maximize"}[train.MONITOR_MODE]
+    return {**config, "metric": {"name": train.MONITOR, "goal": goal}}
+
+
+def notes(config: dict[str, Any]) -> list[str]:
+    """One-line warnings about a valid config: a metric other than train.py's MONITOR, or one that only a run can
+    show is logged."""
+    import train
+
+    found, metric = [], with_default_metric(config)["metric"]["name"]
+    if metric != train.MONITOR:
+        found.append(f"the sweep ranks runs by {metric!r}, but train.py's checkpoints and early stopping follow "
+                     f"MONITOR={train.MONITOR!r}: set MONITOR in train.py, or drop SWEEP_CONFIG's metric")
+    if (problem := metric_problem(metric)) and not problem[1]:
+        found.append(f"metric/name: {problem[0]}")
+    return found
+
+
 def validate(config: dict[str, Any] = SWEEP_CONFIG) -> dict[str, Any]:
     """Check a sweep config against wandb's own schema and against train.py's command line, before anything is
-    created. Returns the config with wandb's defaults filled in; raises SweepConfigError naming each bad key."""
+    created. Returns the config with wandb's defaults filled in (its metric, if none, from train.py's MONITOR);
+    raises SweepConfigError naming each bad key."""
+    config = with_default_metric(config)
     errors = [f"{'/'.join(map(str, err.absolute_path)) or 'config'}: {err.message}"
               for err in sweeps_schema.validator.iter_errors(config)]
     parameters = config.get("parameters", {})
@@ -182,11 +247,8 @@ def validate(config: dict[str, Any] = SWEEP_CONFIG) -> dict[str, Any]:
     command = config.get("command", ["${env}", "${interpreter}", "${program}", "${args}"])
     if "${args}" not in command:
         errors.append(f"command: must pass ${{args}} (--key=value, what train.py parses); got {command}")
-    metric = config.get("metric", {}).get("name")
-    if metric is None:
-        errors.append("metric: missing; the sweep ranks and stops runs by it (train.py logs val/loss)")
-    elif metric not in (logged := logged_metrics()):
-        errors.append(f"metric/name: {metric!r} is never logged; the model logs {', '.join(sorted(logged))}")
+    if (problem := metric_problem(config["metric"]["name"])) and problem[1]:
+        errors.append(f"metric/name: {problem[0]}")
     for name, spec in parameters.items():  # as given: wandb's filling silently drops nested ones
         if "parameters" in spec:  # a nested dict would reach train.py as --name={'a': 1}
             errors.append(f"parameters/{name}: nested parameters are not supported; use dotted keys ({name}.x)")
@@ -198,7 +260,7 @@ def validate(config: dict[str, Any] = SWEEP_CONFIG) -> dict[str, Any]:
 
 
 def _runs_to_dicts(runs: list[Any]) -> list[dict[str, Any]]:
-    return [{name: _plain(item["value"]) for name, item in sorted(run.config.items())} for run in runs if run]
+    return [{name: as_agent_value(item["value"]) for name, item in sorted(run.config.items())} for run in runs if run]
 
 
 def grid_configs(config: dict[str, Any] = SWEEP_CONFIG) -> list[dict[str, Any]]:
@@ -249,31 +311,13 @@ def to_argv(run: dict[str, Any]) -> list[str]:
     return [f"--{name}={value}" for name, value in sorted(run.items())]
 
 
-def agent_problem(timeout: float = 10.0) -> str | None:
-    """Why a wandb agent cannot work here (one line), or None. Agents get every run's settings from the server."""
-    mode = os.environ.get("WANDB_MODE", "")
-    if mode in ("offline", "disabled", "dryrun"):
-        return f"WANDB_MODE={mode}, but a wandb agent needs the wandb server for every run; {OFFLINE_HINT}"
-    url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
-    try:
-        urllib.request.urlopen(url, timeout=timeout).close()  # honours https_proxy like wandb does
-    except urllib.error.HTTPError:
-        pass  # it answered: reachable, whatever the status
-    except (urllib.error.URLError, OSError, ValueError) as err:
-        reason = getattr(err, "reason", err)
-        return f"cannot reach the wandb server {url} within {timeout:g} s ({reason}); {OFFLINE_HINT}"
-    return None
-
-
 def create(config: dict[str, Any], entity: str | None, project: str) -> str:
     """Create the sweep on wandb; returns ENTITY/PROJECT/SWEEP_ID."""
     import wandb
 
-    import train
-
     if problem := agent_problem():
         raise SystemExit(f"error: {problem}")
-    if not train.has_wandb_credentials():  # wandb would wait at its login prompt
+    if not has_wandb_credentials():  # wandb would wait at its login prompt
         raise SystemExit("error: no wandb credentials: run `wandb login` or set WANDB_API_KEY (or use --dry-run)")
     sweep_id = wandb.sweep(sweep=config, entity=entity, project=project)
     return f"{entity or wandb.Api().default_entity}/{project}/{sweep_id}"
@@ -283,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Check, create or enumerate the sweep in SWEEP_CONFIG.")
     parser.add_argument("--dry-run", action="store_true", help="check everything, create nothing (no network)")
     parser.add_argument("--entity", default=os.environ.get("WANDB_ENTITY"))
-    parser.add_argument("--project", default=os.environ.get("WANDB_PROJECT") or "mlmodeldev")
+    parser.add_argument("--project", default=os.environ.get("WANDB_PROJECT") or REPO_DIR.name)
     parser.add_argument("--list", action="store_true", help="print each run's train.py command (grid, or --samples)")
     parser.add_argument("--samples", type=int, help="with --list: this many random draws instead of the grid")
     parser.add_argument("--seed", type=int, default=0, help="with --samples: seed of the draws")
@@ -309,12 +353,14 @@ def main(argv: list[str] | None = None) -> int:
     grid, metric = grid_size(config), config["metric"]
     print(f"sweep config OK: {config['method']} search over {len(config['parameters'])} parameters "
           f"({f'grid of {grid} runs' if grid else 'continuous'}), {metric['goal']} {metric['name']}")
+    for note in notes(SWEEP_CONFIG):
+        print(f"warning: {note}")
     size = grid if config["method"] == "grid" else 20
     if args.dry_run:
         path = f"{args.entity or '<your entity>'}/{args.project}/<sweep id>"
         print("dry run: nothing created. Without --dry-run the sweep is created and its agents start with:")
     else:
-        path = create(SWEEP_CONFIG, args.entity, args.project)
+        path = create(with_default_metric(SWEEP_CONFIG), args.entity, args.project)
         print(f"created sweep {path}")
     print(f"Agents on this machine, one per GPU:  ./run_sweep.sh {path} [COUNT]\n"
           f"Agents on SLURM, {size}, 4 at a time:  sbatch --array=0-{size - 1}%4 sbatch_agent.sh {path}\n"

@@ -3,7 +3,9 @@
     python benchmarks/cka_validation.py                 # MNIST-sized validation: 10,000 1x28x28 images, batch 128
     python benchmarks/cka_validation.py --dataset digits --batch_size 64     # the default digits (270 images)
 
-Same model (model.py's defaults), same validation loader, one torch thread. Three variants, alternating over
+Same model and data as train.py trains (train.MODEL_CLASS and train.DATAMODULE_CLASS, with their defaults; the
+synthetic dataset is declared in the DataModule's DATASETS, as the example's datamodule.py has it), same
+validation loader, one torch thread. Three variants, alternating over
 --repeats epochs each: no CKA; CKA accumulated over the epoch (hooks + MinibatchCKA updates, the per-batch
 cost, on CKAMonitor's default max_batches); and CKA with the epoch-end heatmap written as PNG (a fixed cost,
 independent of the data). `trainer.validate` computes CKA every time; during training it runs every
@@ -13,6 +15,7 @@ every_n_epochs-th epoch, so the last line spreads its cost over those epochs.
 from __future__ import annotations
 
 import argparse
+import importlib
 import statistics
 import sys
 import tempfile
@@ -23,8 +26,8 @@ import torch
 from pytorch_lightning import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import datamodule  # noqa: E402
-from model import CKAMonitor, ImageClassifier  # noqa: E402
+import train  # noqa: E402
+from support.cka_monitor import CKAMonitor  # noqa: E402
 
 
 class AccumulateOnly(CKAMonitor):
@@ -38,6 +41,7 @@ def register_synthetic(samples: int) -> None:
         return {"x": torch.randint(0, 256, (samples, 1, 28, 28), generator=generator, dtype=torch.uint8),
                 "y": torch.randint(0, 10, (samples,), generator=generator)}
 
+    datamodule = importlib.import_module(train.DATAMODULE_CLASS.__module__)  # where the DataModule declares datasets
     datamodule.DATASETS["bench_val"] = datamodule.DatasetSpec(1, 10, 255, build)
 
 
@@ -51,9 +55,12 @@ def main() -> None:
     register_synthetic(60_000)  # val_fraction 1/6: 10,000 validation images
     times: dict[str, list[float]] = {"no CKA": [], "CKA accumulated": [], "CKA + heatmap PNG": []}
     with tempfile.TemporaryDirectory() as tmp:
-        data = datamodule.DataModule(dataset=args.dataset, data_dir=tmp, batch_size=args.batch_size,
-                                     val_fraction=0.1667 if args.dataset == "bench_val" else 0.15)
-        model = ImageClassifier(in_channels=data.in_channels, num_classes=data.num_classes)
+        data = train.DATAMODULE_CLASS(dataset=args.dataset, data_dir=tmp, batch_size=args.batch_size,
+                                      val_fraction=0.1667 if args.dataset == "bench_val" else 0.15)
+        data.prepare_data()
+        data.setup("validate")  # so the DataModule's properties (in_channels, ...) are known
+        model = train.MODEL_CLASS(**{name: getattr(data, name) if hasattr(data, name) else data.hparams[name]
+                                     for name, _ in train.linked_arguments()})  # as train.py links them
         for repeat in range(args.repeats + 1):  # the first round warms up and is not counted
             for name, callbacks in (("no CKA", []), ("CKA accumulated", [AccumulateOnly()]),
                                     ("CKA + heatmap PNG", [CKAMonitor()])):

@@ -7,8 +7,9 @@ Writes MNIST's four files in their real format (gzipped IDX, random pixels) into
 the way torchvision expects: ROOT/MNIST/raw/, holding the .gz files as downloaded and the unzipped copies that
 torchvision's download leaves beside them and reads. Then, in the same run:
 
-  ours         datamodule.py prepares dataset "MNIST" in ROOT, that is from ROOT/MNIST/raw/ itself (checksums,
-               decoding into ROOT/MNIST/data.pt: timed once, as it happens once), and an epoch is a pass over
+  ours         support/downloads.py prepares dataset "MNIST" (datamodule.py's MNIST declaration, with these
+               files' checksums) in ROOT, that is from ROOT/MNIST/raw/ itself (checksums, decoding into
+               ROOT/MNIST/data.pt: timed once, as it happens once), and an epoch is a pass over datamodule.py's
                DataModule's train and val loaders, which together hold all the training images;
   torchvision  torchvision.datasets.MNIST(ROOT, train=True, transform=ToTensor()) in a DataLoader with
                batch_size=128, shuffle=True.
@@ -38,6 +39,7 @@ from torchvision.transforms import ToTensor
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import datamodule  # noqa: E402
+from support.downloads import prepare_dataset, remote_files  # noqa: E402
 
 BATCH = 128
 
@@ -85,10 +87,10 @@ def main() -> None:
         root = Path(tmp)
         checksums = write_mnist(root / "MNIST" / "raw", args.samples, max(1, args.samples // 6))
         # Declared as a user declares a dataset; the files are already there, so nothing is downloaded.
-        files = datamodule.remote_files(["http://mirror.invalid/"], checksums)
-        datamodule.DATASETS["MNIST"] = replace(datamodule.DATASETS["mnist"], files=files)
+        spec = replace(datamodule.DATASETS["mnist"], files=remote_files(["http://mirror.invalid/"], checksums))
+        datamodule.DATASETS["MNIST"] = spec  # the DataModule takes a dataset's name
         start = time.perf_counter()
-        datamodule.prepare_dataset("MNIST", root)
+        prepare_dataset("MNIST", spec, root)
         prepare = time.perf_counter() - start
 
         start = time.perf_counter()

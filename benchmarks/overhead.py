@@ -14,6 +14,7 @@ two sides `--repeats` times; the ratio compares medians. Goal: template / plain 
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import statistics
 import sys
@@ -29,9 +30,9 @@ os.environ["WANDB_MODE"] = "offline"  # never create online runs from a benchmar
 
 from pytorch_lightning import Callback  # noqa: E402
 
-import datamodule  # noqa: E402
 import train  # noqa: E402
-from model import ImageClassifier  # noqa: E402
+
+EXAMPLE_DATA = inspect.getmodule(train.DATAMODULE_CLASS)  # datamodule.py, found through train.py's one place
 
 
 def register_synthetic_mnist(samples: int) -> None:
@@ -43,8 +44,8 @@ def register_synthetic_mnist(samples: int) -> None:
         x = torch.randint(0, 256, (samples, 1, 28, 28), generator=generator, dtype=torch.uint8)
         return {"x": x, "y": y}
 
-    datamodule.DATASETS["bench_mnist"] = datamodule.DatasetSpec(in_channels=1, num_classes=10, max_value=255,
-                                                                build=build)
+    EXAMPLE_DATA.DATASETS["bench_mnist"] = EXAMPLE_DATA.DatasetSpec(in_channels=1, num_classes=10, max_value=255,
+                                                                    build=build)
 
 
 class EpochTimer(Callback):
@@ -79,11 +80,11 @@ def time_template(work: Path, epochs: int, run: int) -> tuple[float, int]:
 
 
 def time_plain(work: Path, epochs: int) -> tuple[float, int]:
-    dm = datamodule.DataModule(data_dir=str(work / "data"), **DATA)
+    dm = train.DATAMODULE_CLASS(data_dir=str(work / "data"), **DATA)
     dm.prepare_data()
     dm.setup("fit")
     torch.manual_seed(0)
-    model = ImageClassifier()
+    model = train.MODEL_CLASS()
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)  # the template's default optimizer
     steps, start = 0, time.perf_counter()
     for _epoch in range(epochs):
@@ -116,7 +117,7 @@ def main() -> None:
     plain, template = [], []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        datamodule.prepare_dataset("bench_mnist", work / "data")
+        train.DATAMODULE_CLASS(data_dir=str(work / "data"), **DATA).prepare_data()
         time_plain(work, 1)  # warm-up: first-touch allocations and caches, measured by neither side
         for run in range(args.repeats):
             seconds, steps = time_plain(work, args.epochs)

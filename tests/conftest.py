@@ -40,4 +40,25 @@ def run_script(*args: str, timeout: float = 300, **env: str) -> subprocess.Compl
                           timeout=timeout, env=script_env(**env))
 
 
+# What the example classes are called; train.py's MODEL_CLASS / DATAMODULE_CLASS name the ones in use.
+EXAMPLE_CLASSES = {"example_model": ("MODEL_CLASS", "model.ImageClassifier"),
+                   "example_data": ("DATAMODULE_CLASS", "datamodule.DataModule")}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Once a researcher has put their own model or data in train.py, the tests of the example's own behaviour
+    (its accuracy on digits, its constructor arguments) no longer apply: they are skipped, and say why. The
+    machinery's tests use the tests' own model and data (tests/toy.py) and always run."""
+    import train
+
+    for marker, (name, example) in EXAMPLE_CLASSES.items():
+        chosen = getattr(train, name)
+        if f"{chosen.__module__}.{chosen.__qualname__}" == example:
+            continue
+        skip = pytest.mark.skip(reason=f"train.{name} is {chosen.__qualname__}, not the example {example}")
+        for item in items:
+            if marker in item.keywords:
+                item.add_marker(skip)
+
+
 QUICK = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]

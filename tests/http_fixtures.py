@@ -1,5 +1,6 @@
-"""Test helpers for downloads: a local HTTP file server with switchable failures, and dataset files in their
-real on-disk formats (gzipped IDX for MNIST and Fashion-MNIST, the pickle tarball for CIFAR-10)."""
+"""Test helpers for downloads: a local HTTP file server with switchable failures, dataset declarations made of
+random files (for support/downloads.py, without datamodule.py), and files in the example datasets' real on-disk
+formats (gzipped IDX for MNIST and Fashion-MNIST, the pickle tarball for CIFAR-10)."""
 
 from __future__ import annotations
 
@@ -15,13 +16,16 @@ import tarfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import torch
 
-import datamodule
+from support.downloads import RemoteFile, prepare_dataset, remote_files
 
 MODES = ("ok", "404", "silent", "stall", "trickle", "truncate", "drop", "wrong")
 
@@ -196,14 +200,39 @@ def cifar10_files(per_batch: int, seed: int = 0) -> tuple[dict[str, bytes], dict
     return {"cifar-10-python.tar.gz": buffer.getvalue()}, tensors
 
 
-def declare(like: str, mirrors: list[str], files: dict[str, bytes]) -> datamodule.DatasetSpec:
-    """A DatasetSpec for `files` as a user would write it: the shipped dataset `like`'s decoding, the files'
-    sha256 checksums and our mirrors. Register it with DATASETS[name] = spec (monkeypatch.setitem in tests)."""
-    shipped = datamodule.DATASETS[like]
-    checksums = {file: "sha256:" + hashlib.sha256(data).hexdigest() for file, data in files.items()}
-    return datamodule.DatasetSpec(in_channels=shipped.in_channels, num_classes=shipped.num_classes,
-                                  max_value=shipped.max_value, build=shipped.build,
-                                  files=datamodule.remote_files(mirrors, checksums))
+@dataclass(frozen=True)
+class Declaration:
+    """A dataset declaration as support.downloads.prepare_dataset takes one: its files and how to build tensors."""
+
+    files: tuple[RemoteFile, ...]
+    build: Callable[[Path], dict[str, torch.Tensor]]
+
+
+def sha256s(files: dict[str, bytes]) -> dict[str, str]:
+    """The files' checksums, as a declaration holds them."""
+    return {name: "sha256:" + hashlib.sha256(data).hexdigest() for name, data in files.items()}
+
+
+def as_tensors(files: dict[str, bytes]) -> dict[str, torch.Tensor]:
+    """Each file's bytes as a uint8 tensor under its name: what a Declaration from declare() builds."""
+    return {name: torch.frombuffer(bytearray(data), dtype=torch.uint8) for name, data in files.items()}
+
+
+def read_back(names: tuple[str, ...], raw: Path) -> dict[str, torch.Tensor]:
+    return as_tensors({name: (raw / name).read_bytes() for name in names})
+
+
+def random_files(sizes: dict[str, int], seed: int = 0) -> tuple[dict[str, bytes], dict[str, torch.Tensor]]:
+    """Files of random bytes (name -> size), and the tensors a Declaration from declare() builds from them."""
+    rng = np.random.default_rng(seed)
+    files = {name: rng.integers(0, 256, size, dtype=np.uint8).tobytes() for name, size in sizes.items()}
+    return files, as_tensors(files)
+
+
+def declare(mirrors: list[str], files: dict[str, bytes]) -> Declaration:
+    """A declaration of `files` as a user would write one: the files' sha256 checksums, our mirrors, and a build
+    that reads each file back into a tensor (so data.pt holds exactly the bytes that were served)."""
+    return Declaration(remote_files(mirrors, sha256s(files)), partial(read_back, tuple(files)))
 
 
 def digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -214,11 +243,11 @@ def prepare_in_child(files_dir: str, url: str, data_dir: str, sync: str, out: st
     """One of several processes that prepare one dataset at once (see test_datasets.py): declares it, waits for
     the others, prepares it and writes what it printed and the digest of the data it loaded to `out`."""
     torch.set_num_threads(1)  # several torch processes on 2 cores: one thread each, or all crawl
-    files = {p.name: p.read_bytes() for p in Path(files_dir).iterdir()}
-    datamodule.DATASETS["race"] = declare("mnist", [url], files)
+    files = {p.name: p.read_bytes() for p in sorted(Path(files_dir).iterdir())}
+    declaration = declare([url], files)
     sys.stdout = open(out, "w")  # noqa: SIM115 (closed when the process exits)
     Path(sync, f"ready-{out.rsplit('-', 1)[-1]}").touch()
     while not Path(sync, "go").exists():  # start together, to make the race as tight as possible
         time.sleep(0.005)
-    data = torch.load(datamodule.prepare_dataset("race", data_dir), weights_only=True)
+    data = torch.load(prepare_dataset("race", declaration, data_dir), weights_only=True)
     print("digest", digest(data), flush=True)

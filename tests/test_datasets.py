@@ -1,5 +1,6 @@
-"""Downloadable datasets, served from 127.0.0.1 only: real file formats end to end, every failure path, 8 processes
-preparing at once, and working offline once a dataset is present."""
+"""support/downloads.py, with datasets declared here and served from 127.0.0.1 only: every failure path, 8 processes
+preparing at once, and working offline once a dataset is present. Nothing here imports datamodule.py: the
+machinery works for any declaration (the example's datasets are tested in test_datamodule.py)."""
 
 from __future__ import annotations
 
@@ -8,33 +9,30 @@ import multiprocessing
 import os
 import re
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pySmartDL.pySmartDL
 import pytest
 import torch
-from conftest import QUICK, REPO, run_script
-from http_fixtures import FileServer, cifar10_files, declare, digest, mnist_files, prepare_in_child, refused_url
+from conftest import REPO
+from http_fixtures import Declaration, FileServer, declare, digest, prepare_in_child, random_files, refused_url
 
-import datamodule
-import train
-from datamodule import COMPLETE_MARKER, DATASETS, DataModule, DownloadError, prepare_dataset
+import support.downloads as downloads
+from support.downloads import COMPLETE_MARKER, DownloadError, RemoteFile, prepare_dataset
 
-SMALL_MNIST = mnist_files(300, 50)
+SMALL = random_files({"images.bin": 235_200, "labels.bin": 300, "test-images.bin": 39_200, "test-labels.bin": 50})
 
 
 @pytest.fixture(autouse=True)
 def quick_failures(monkeypatch: pytest.MonkeyPatch) -> None:
     """Short timeouts and back-off, so that each failure path takes about a second."""
-    monkeypatch.setattr(datamodule, "TIMEOUT_S", 1.0)
-    monkeypatch.setattr(datamodule, "ATTEMPTS", 2)
-    monkeypatch.setattr(datamodule, "BACKOFF_S", 0.01)
-    monkeypatch.delenv(datamodule.MIRROR_ENV, raising=False)
-
-
-def register(monkeypatch: pytest.MonkeyPatch, name: str, like: str, mirrors: list[str], files: dict[str, bytes]):
-    monkeypatch.setitem(DATASETS, name, declare(like, mirrors, files))
+    monkeypatch.setattr(downloads, "TIMEOUT_S", 1.0)
+    monkeypatch.setattr(downloads, "ATTEMPTS", 2)
+    monkeypatch.setattr(downloads, "BACKOFF_S", 0.01)
+    monkeypatch.delenv(downloads.MIRROR_ENV, raising=False)
 
 
 def assert_equal_tensors(data: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
@@ -49,176 +47,182 @@ def assert_nothing_passes_as_complete(root: Path) -> None:
     assert left in ([], ["raw"]), left
 
 
-def test_shipped_declarations_carry_torchvision_checksums_and_mirrors():
-    from torchvision.datasets import CIFAR10, MNIST, FashionMNIST
+def load(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)
 
-    for name, cls in (("mnist", MNIST), ("fashion_mnist", FashionMNIST)):
-        files = DATASETS[name].files
-        assert [(f.name, f.checksum) for f in files] == [(n, f"md5:{md5}") for n, md5 in cls.resources]
-        assert all(f.urls == tuple(m + f.name for m in cls.mirrors) for f in files)
-    (cifar,) = DATASETS["cifar10"].files
-    assert (cifar.checksum, cifar.urls) == (f"md5:{CIFAR10.tgz_md5}", (CIFAR10.url,))
-    assert DATASETS["digits"].files == ()
+
+def test_support_downloads_imports_and_names_nothing_of_the_example():
+    code = "import support.downloads, sys; assert not {'datamodule', 'model', 'train'} & set(sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    source = (REPO / "support" / "downloads.py").read_text().lower()
+    assert not re.findall(r"digits|mnist|cifar", source)
+
+
+def test_a_checksum_must_name_an_algorithm():
+    assert RemoteFile("x.bin", "md5:f68b3c", ("http://127.0.0.1/x.bin",)).checksum == "md5:f68b3c"
     with pytest.raises(ValueError, match="checksum must look like"):
-        datamodule.RemoteFile("x.bin", "not-a-checksum", ("http://127.0.0.1/x.bin",))
+        RemoteFile("x.bin", "not-a-checksum", ("http://127.0.0.1/x.bin",))
+    with pytest.raises(ValueError, match="checksum must look like"):
+        RemoteFile("x.bin", "sha256:", ("http://127.0.0.1/x.bin",))
 
 
-def test_mnist_downloads_in_parallel_ranges_and_loads_what_was_served(monkeypatch, tmp_path: Path):
-    files, expected = mnist_files(6000, 200)  # a 4.7 MB training file: pySmartDL splits it into 2 MB ranges
+def test_prepare_writes_once_with_a_completion_marker(tmp_path: Path):
+    builds = []
+    spec = Declaration(files=(), build=lambda raw: builds.append(raw) or {"x": torch.arange(5)})  # nothing to fetch
+    path = prepare_dataset("made", spec, tmp_path / "data")
+    assert path == (tmp_path / "data" / "made" / "data.pt") and (path.parent / COMPLETE_MARKER).is_file()
+    before = path.stat().st_mtime_ns
+    assert prepare_dataset("made", spec, tmp_path / "data") == path
+    assert path.stat().st_mtime_ns == before and len(builds) == 1  # reused, not rebuilt
+    assert torch.equal(load(path)["x"], torch.arange(5))
+    assert sorted(p.name for p in path.parent.iterdir()) == [COMPLETE_MARKER, "data.pt"]  # no raw/ without files
+
+
+def test_a_dataset_without_its_marker_is_rebuilt(tmp_path: Path):
+    spec = Declaration(files=(), build=lambda raw: {"y": torch.arange(7)})
+    path = prepare_dataset("made", spec, tmp_path)
+    (path.parent / COMPLETE_MARKER).unlink()
+    path.write_bytes(b"half-written")
+    prepare_dataset("made", spec, tmp_path)
+    assert load(path)["y"].shape == (7,)
+
+
+def test_files_download_in_parallel_ranges_and_load_what_was_served(tmp_path: Path):
+    files, expected = random_files({"large.bin": 4_704_000, "small.bin": 1000})  # pySmartDL: 2 MB ranges
     with FileServer(files) as server:
-        register(monkeypatch, "test_mnist", "mnist", [server.url], files)
-        path = prepare_dataset("test_mnist", tmp_path)
-    starts = {r for name, r in server.ranges if name == "train-images-idx3-ubyte.gz" and r != "bytes=0-3"}
+        path = prepare_dataset("parallel", declare([server.url], files), tmp_path)
+    starts = {r for name, r in server.ranges if name == "large.bin" and r != "bytes=0-3"}
     assert len(starts) == 2, server.ranges  # two parallel connections
-    assert_equal_tensors(torch.load(path, weights_only=True), expected)
+    assert_equal_tensors(load(path), expected)
     assert sorted(p.name for p in (path.parent / "raw").iterdir()) == sorted(files)  # no temp dir or parts left
-    dm = DataModule(dataset="test_mnist", data_dir=str(tmp_path), batch_size=500)
-    dm.prepare_data()
-    dm.setup("fit")
-    assert dm.num_classes == 10 and dm.in_channels == 1
-    assert torch.equal(dm.splits["test"].images, expected["x_test"])  # the official test split
-    assert len(dm.splits["train"]) + len(dm.splits["val"]) == 6000
-    x, y = next(iter(dm.train_dataloader()))
-    assert x.shape == (500, 1, 28, 28) and x.dtype == torch.float32 and y.dtype == torch.int64
-
-
-@pytest.mark.parametrize("like, make", [("fashion_mnist", lambda: mnist_files(200, 40, seed=1)),
-                                        ("cifar10", lambda: cifar10_files(30))])
-def test_real_formats_round_trip(monkeypatch, tmp_path: Path, like: str, make):
-    files, expected = make()
-    with FileServer(files) as server:
-        register(monkeypatch, f"test_{like}", like, [server.url], files)
-        data = torch.load(prepare_dataset(f"test_{like}", tmp_path), weights_only=True)
-    assert_equal_tensors(data, expected)
-    assert DataModule(dataset=f"test_{like}").in_channels == DATASETS[like].in_channels
 
 
 @pytest.mark.parametrize("mode", ["404", "refused", "silent", "stall", "truncate", "drop", "wrong"])
-def test_failures_are_named_leave_nothing_and_a_good_mirror_then_works(monkeypatch, tmp_path: Path, mode: str):
-    files, expected = SMALL_MNIST
+def test_failures_are_named_leave_nothing_and_a_good_mirror_then_works(tmp_path: Path, mode: str):
+    files, expected = SMALL
     reasons = {"404": "HTTP 404 Not Found", "refused": "cannot connect", "silent": "server stalled",
                "stall": "server stalled",
                "truncate": "incomplete transfer: received", "drop": "connection dropped", "wrong": "checksum mismatch"}
     with FileServer(files, mode="ok" if mode == "refused" else mode) as bad, FileServer(files) as good:
         url = refused_url() if mode == "refused" else bad.url
-        register(monkeypatch, "broken", "mnist", [url], files)
+        spec = declare([url], files)
         start = time.monotonic()
         with pytest.raises(DownloadError) as caught:
-            prepare_dataset("broken", tmp_path)
+            prepare_dataset("broken", spec, tmp_path)
         assert time.monotonic() - start < 20
         message = str(caught.value)
         assert "\n" not in message and reasons[mode] in message
-        assert f"{url}train-images-idx3-ubyte.gz" in message and "python datamodule.py --dataset broken" in message
+        assert f"{url}images.bin" in message and "python datamodule.py --dataset broken" in message
         assert_nothing_passes_as_complete(tmp_path / "broken")
-        with pytest.raises(DownloadError):  # nor does a second try (DataModule's path) take anything as done
-            DataModule(dataset="broken", data_dir=str(tmp_path)).prepare_data()
-        path = prepare_dataset("broken", tmp_path, mirror=good.url)  # what the message suggests
-    assert_equal_tensors(torch.load(path, weights_only=True), expected)
+        with pytest.raises(DownloadError):  # nor does a second try take anything as done
+            prepare_dataset("broken", spec, tmp_path)
+        path = prepare_dataset("broken", spec, tmp_path, mirror=good.url)  # what the message suggests
+    assert_equal_tensors(load(path), expected)
 
 
-def test_transient_failures_are_retried_and_the_next_mirror_is_tried(monkeypatch, tmp_path: Path):
-    files, expected = SMALL_MNIST
+def test_transient_failures_are_retried_and_the_next_mirror_is_tried(tmp_path: Path):
+    files, expected = SMALL
     with FileServer(files, mode="drop", failures=1) as flaky, FileServer(files, mode="404") as missing:
-        register(monkeypatch, "flaky", "mnist", [flaky.url], files)
-        assert_equal_tensors(torch.load(prepare_dataset("flaky", tmp_path), weights_only=True), expected)
+        assert_equal_tensors(load(prepare_dataset("flaky", declare([flaky.url], files), tmp_path)), expected)
         # The first file took two attempts (the first dropped mid-body), the others one.
-        assert flaky.requests["train-images-idx3-ubyte.gz"] == 2 * flaky.requests["t10k-images-idx3-ubyte.gz"]
-        register(monkeypatch, "fallback", "mnist", [missing.url, flaky.url], files)
-        assert_equal_tensors(torch.load(prepare_dataset("fallback", tmp_path), weights_only=True), expected)
+        assert flaky.requests["images.bin"] == 2 * flaky.requests["test-images.bin"]
+        fallback = declare([missing.url, flaky.url], files)
+        assert_equal_tensors(load(prepare_dataset("fallback", fallback, tmp_path)), expected)
     assert set(missing.requests.values()) == {2}  # one try per file (pySmartDL sizes it first), not retried
 
 
 def test_a_trickling_server_is_abandoned_in_bounded_time(monkeypatch, tmp_path: Path):
-    files, _ = SMALL_MNIST
-    monkeypatch.setattr(datamodule, "MIN_SPEED", 1e6)  # a byte every 50 ms resets every socket timeout
+    files, _ = SMALL
+    monkeypatch.setattr(downloads, "MIN_SPEED", 1e6)  # a byte every 50 ms resets every socket timeout
     with FileServer(files, mode="trickle") as server:
-        register(monkeypatch, "trickle", "mnist", [server.url], files)
         start = time.monotonic()
         with pytest.raises(DownloadError, match="too slow"):
-            prepare_dataset("trickle", tmp_path)
+            prepare_dataset("trickle", declare([server.url], files), tmp_path)
     assert time.monotonic() - start < 15
     assert_nothing_passes_as_complete(tmp_path / "trickle")
 
 
-def test_a_full_disk_is_named_and_leaves_nothing(monkeypatch, tmp_path: Path):
-    files, _ = SMALL_MNIST
+def test_a_full_disk_is_named_and_leaves_nothing(monkeypatch, capsys, tmp_path: Path):
+    files, _ = SMALL
+    root = tmp_path / "full"
 
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    def assert_one_line(caught: pytest.ExceptionInfo, step: str) -> None:
+        message = str(caught.value)
+        assert "\n" not in message and message.startswith(f"no space left on device while preparing full in {root} ")
+        assert step in message and message.endswith(": free some space or pass --data.data_dir on a larger disk")
+
     with FileServer(files) as server:
-        register(monkeypatch, "full", "mnist", [server.url], files)
+        spec = declare([server.url], files)
         with monkeypatch.context() as patch:
             patch.setattr(pySmartDL.pySmartDL, "download", no_space)  # the function each pySmartDL thread runs
-            where = re.escape(f"{server.url}train-images-idx3-ubyte.gz into {tmp_path / 'full' / 'raw'}")
-            with pytest.raises(DownloadError, match=f"no space left on device writing .* from {where}: free"):
-                prepare_dataset("full", tmp_path)
-        assert_nothing_passes_as_complete(tmp_path / "full")
+            with pytest.raises(DownloadError) as caught:
+                prepare_dataset("full", spec, tmp_path)
+        assert_one_line(caught, f"(downloading images.bin from {server.url}images.bin)")
+        assert capsys.readouterr().out.count("downloading") == 1  # no retry: no other attempt or URL can help
+        assert_nothing_passes_as_complete(root)
         with monkeypatch.context() as patch:
-            patch.setattr(datamodule.torch, "save", no_space)  # full while writing data.pt
-            with pytest.raises(DownloadError, match="no space left on device while preparing full"):
-                prepare_dataset("full", tmp_path)
-        root = tmp_path / "full"
+            patch.setattr(downloads.torch, "save", no_space)  # full while writing data.pt
+            with pytest.raises(DownloadError) as caught:
+                prepare_dataset("full", spec, tmp_path)
+        assert_one_line(caught, "(writing data.pt)")
         assert not (root / COMPLETE_MARKER).exists() and [p.name for p in root.iterdir()] == ["raw"]
-        prepare_dataset("full", tmp_path)
+        with pytest.raises(DownloadError) as caught:  # full while the declaration's build writes its own files
+            prepare_dataset("full", Declaration(spec.files, no_space), tmp_path)
+        assert_one_line(caught, "(building data.pt)")
+        prepare_dataset("full", spec, tmp_path)
     assert (root / COMPLETE_MARKER).exists()
 
 
 def test_the_mirror_setting_replaces_the_declared_urls(monkeypatch, tmp_path: Path):
-    files, expected = SMALL_MNIST
+    files, expected = SMALL
     with FileServer(files) as server:
-        register(monkeypatch, "mirrored", "mnist", [refused_url()], files)  # the declared mirror is down
-        monkeypatch.setenv(datamodule.MIRROR_ENV, server.url + "datasets/{dataset}")
-        assert_equal_tensors(torch.load(prepare_dataset("mirrored", tmp_path), weights_only=True), expected)
-        # The real MNIST declaration, through the command line, from our mirror: no internet needed.
-        monkeypatch.delenv(datamodule.MIRROR_ENV)
-        refused = refused_url().rstrip("/")
-        result = run_script("datamodule.py", "--dataset", "mnist", "--data_dir", str(tmp_path), "--mirror", refused,
-                            timeout=120)
-    assert result.returncode == 1 and result.stdout.startswith("downloading " + refused)
-    (line,) = result.stderr.strip().splitlines()  # one line: the file, the URL and the fix
-    assert line.startswith(f"error: could not download train-images-idx3-ubyte.gz of dataset 'mnist': "
-                           f"{refused}/train-images-idx3-ubyte.gz: cannot connect")
-    assert "python datamodule.py --dataset mnist" in line
-    assert_nothing_passes_as_complete(tmp_path / "mnist")
+        spec = declare([refused_url()], files)  # the declared mirror is down
+        monkeypatch.setenv(downloads.MIRROR_ENV, server.url + "datasets/{dataset}")
+        assert_equal_tensors(load(prepare_dataset("mirrored", spec, tmp_path)), expected)
+        monkeypatch.delenv(downloads.MIRROR_ENV)
+        # The argument wins over the declared URLs too, with or without a trailing slash.
+        assert_equal_tensors(load(prepare_dataset("argument", spec, tmp_path, mirror=server.url.rstrip("/"))),
+                             expected)
+    assert server.requests["images.bin"] >= 2  # served to both
 
 
-def test_files_copied_in_by_hand_are_verified_and_need_no_network(monkeypatch, tmp_path: Path):
-    files, expected = SMALL_MNIST
-    register(monkeypatch, "by_hand", "mnist", [refused_url()], files)
+def test_files_copied_in_by_hand_are_verified_and_need_no_network(tmp_path: Path):
+    files, expected = SMALL
     raw = tmp_path / "by_hand" / "raw"
     (raw / ".download-1234").mkdir(parents=True)  # a killed process's partial download: removed
-    (raw / ".download-1234" / "train-images-idx3-ubyte.gz.000").write_bytes(b"part")
+    (raw / ".download-1234" / "images.bin.000").write_bytes(b"part")
     for name, data in files.items():
         (raw / name).write_bytes(data)
-    assert_equal_tensors(torch.load(prepare_dataset("by_hand", tmp_path), weights_only=True), expected)
+    assert_equal_tensors(load(prepare_dataset("by_hand", declare([refused_url()], files), tmp_path)), expected)
     assert sorted(p.name for p in raw.iterdir()) == sorted(files)
-    register(monkeypatch, "corrupt", "mnist", [refused_url()], files)
     (tmp_path / "corrupt" / "raw").mkdir(parents=True)
     for name, data in files.items():  # one wrong byte: not trusted, so it would need the (down) server
         (tmp_path / "corrupt" / "raw" / name).write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
     with pytest.raises(DownloadError, match="cannot connect"):
-        prepare_dataset("corrupt", tmp_path)
+        prepare_dataset("corrupt", declare([refused_url()], files), tmp_path)
     assert not (tmp_path / "corrupt" / COMPLETE_MARKER).exists()
 
 
 def test_eight_processes_at_once_download_once_and_all_succeed(monkeypatch, tmp_path: Path):
-    files, expected = mnist_files(3000, 100)
+    files, expected = random_files({"images.bin": 2_352_000, "labels.bin": 3000, "test-images.bin": 78_400})
     files_dir, sync = tmp_path / "files", tmp_path / "sync"
     files_dir.mkdir(), sync.mkdir()
     for name, data in files.items():
         (files_dir / name).write_bytes(data)
-    # Processes forked from a server that imported datamodule once: 8 fresh interpreters would each spend
-    # 4 s of CPU importing Lightning. Each is still its own process with its own lock file handle.
+    # Processes forked from a server that imported support.downloads once: 8 fresh interpreters would each spend
+    # seconds of CPU importing torch. Each is still its own process with its own lock file handle.
     # (The fork server ignores our sys.path, so it finds the modules through PYTHONPATH.)
     monkeypatch.setenv("PYTHONPATH", f"{REPO}{os.pathsep}{REPO / 'tests'}")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["datamodule", "http_fixtures"])
+    context.set_forkserver_preload(["support.downloads", "http_fixtures"])
     with FileServer(files) as server:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setitem(DATASETS, "race", declare("mnist", [server.url], files))
-            prepare_dataset("race", tmp_path / "reference")  # what one download costs, in requests
+        prepare_dataset("race", declare([server.url], files), tmp_path / "reference")  # one download's requests
         one_download = dict(server.requests)
         server.requests.clear()
         outs = [tmp_path / f"out-{i}" for i in range(8)]
@@ -250,32 +254,14 @@ def test_eight_processes_at_once_download_once_and_all_succeed(monkeypatch, tmp_
     assert sorted(p.name for p in (tmp_path / "shared" / "race" / "raw").iterdir()) == sorted(files)
 
 
-def test_offline_prepare_and_train_with_no_server_at_all(monkeypatch, tmp_path: Path):
-    files, expected = mnist_files(600, 100, seed=2)
-    data_dir = tmp_path / "data"
-    with FileServer(files) as server, monkeypatch.context() as patch:  # "mnist" served locally, for once
-        patch.setitem(DATASETS, "mnist", declare("mnist", [server.url], files))
-        prepare_dataset("mnist", data_dir)
-    # From here there is no server: the shipped MNIST declaration points at the internet, which we lack, and
-    # any attempt to download fails the test.
-    monkeypatch.setattr(datamodule, "SmartDL", lambda *a, **k: pytest.fail("tried to download"))
-    assert_equal_tensors(torch.load(prepare_dataset("mnist", data_dir), weights_only=True), expected)
-    result = run_script("datamodule.py", "--dataset", "mnist", "--data_dir", str(data_dir), timeout=120,
-                        DATA_MIRROR=refused_url())
-    assert result.returncode == 0 and "mnist ready" in result.stdout and "downloading" not in result.stdout
-    results = train.main(QUICK + ["--data.dataset=mnist", f"--data.data_dir={data_dir}", "--data.batch_size=32",
-                                  "--trainer.max_epochs=1",
-                                  "--trainer.limit_train_batches=5", "--trainer.limit_val_batches=2"])
-    assert 0 <= results["test/acc"] <= 1
-
-
 def test_a_shared_directory_prepared_once_is_reused_by_later_runs(monkeypatch, tmp_path: Path):
-    files, _ = SMALL_MNIST
+    files, _ = SMALL
     with FileServer(files) as server:
-        register(monkeypatch, "reused", "mnist", [server.url], files)
-        path = prepare_dataset("reused", tmp_path)
+        spec = declare([server.url], files)
+        path = prepare_dataset("reused", spec, tmp_path)
         before, stamp = dict(server.requests), path.stat().st_mtime_ns
         shutil.rmtree(tmp_path / "reused" / "raw")  # the raw files are not needed once data.pt is complete
+        monkeypatch.setattr(downloads, "SmartDL", lambda *a, **k: pytest.fail("tried to download"))
         for _ in range(3):
-            assert prepare_dataset("reused", tmp_path) == path
+            assert prepare_dataset("reused", spec, tmp_path) == path
     assert dict(server.requests) == before and path.stat().st_mtime_ns == stamp

@@ -134,9 +134,10 @@ def test_bad_row_value_and_inconsistent_tasks_are_refused(tmp_path: Path, fake_s
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "model.hidden_dim" in err, err
     good = sweep_file(tmp_path, {"model.hidden_dim": {"values": [16]}})
-    for argv, words in [(["--gpus-per-node", "2", "--ntasks-per-node", "1"], "--ntasks-per-node 1"),
-                        (["--gpus-per-node", "2", "--", "--trainer.devices=1"], "trainer.devices=1"),
-                        (["--nodes", "2"], "trainer.num_nodes"), (["--preset", "bede"], "--account"),
+    for argv, words in [(["--gpus-per-node", "2", "--ntasks-per-node", "1"], "runs 1 task(s) but the Trainer "
+                                                                              "runs 2 device(s)"),
+                        (["--gpus-per-node", "2", "--", "--trainer.devices=1"], "the Trainer runs 1 device(s)"),
+                        (["--nodes", "2"], "runs 2 task(s) but the Trainer runs 1 device(s) x 1 node(s)"), (["--preset", "bede"], "--account"),
                         (["--runs-dir", "my runs"], "spaces")]:
         assert slurm_train.main(["--sweep-config", good, *argv]) == 1
         err = capsys.readouterr().err

@@ -70,12 +70,14 @@ def test_create_hands_the_config_to_wandb_and_prints_the_agent_commands(monkeypa
     created = []
     monkeypatch.setattr(wandb, "sweep", lambda **kwargs: created.append(kwargs) or "abc123")
     monkeypatch.setattr(sweep, "agent_problem", lambda timeout=10.0: None)  # as if online
-    monkeypatch.setattr(train, "has_wandb_credentials", lambda: False)
+    monkeypatch.setattr(sweep, "has_wandb_credentials", lambda: False)
     with pytest.raises(SystemExit, match="wandb login"):  # never wandb's login prompt
         sweep.main(["--entity", "me"])
-    monkeypatch.setattr(train, "has_wandb_credentials", lambda: True)
+    monkeypatch.setattr(sweep, "has_wandb_credentials", lambda: True)
     assert sweep.main(["--entity", "me", "--project", "proj"]) == 0
-    assert created == [{"sweep": sweep.SWEEP_CONFIG, "entity": "me", "project": "proj"}]
+    # SWEEP_CONFIG as written, with its metric from train.py's MONITOR when it names none
+    assert created == [{"sweep": sweep.with_default_metric(sweep.SWEEP_CONFIG), "entity": "me", "project": "proj"}]
+    assert created[0]["sweep"]["metric"] == {"name": train.MONITOR, "goal": "minimize"}
     out = capsys.readouterr().out
     assert "./run_sweep.sh me/proj/abc123" in out and "sbatch_agent.sh me/proj/abc123" in out
 
@@ -277,6 +279,7 @@ def make_checkout(tmp_path: Path, fake_server: str) -> tuple[Path, dict[str, str
         directory.mkdir()
     for name in ("sweep.py", "train.py", "run_sweep.sh", "sbatch_agent.sh"):
         shutil.copy2(REPO / name, repo / name)
+    shutil.copytree(REPO / "support", repo / "support", ignore=shutil.ignore_patterns("__pycache__"))
     (bin_dir / "wandb").write_text(FAKE_WANDB.format(python=sys.executable))
     (bin_dir / "nvidia-smi").write_text("#!/bin/sh\n[ -n \"$FAKE_GPUS\" ] || exit 9\nprintf '%s\\n' $FAKE_GPUS\n")
     for tool in bin_dir.iterdir():

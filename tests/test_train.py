@@ -1,4 +1,6 @@
-"""train.py end to end: learning, wandb offline logging, the CLI, resuming, DDP, the model's structures."""
+"""train.py end to end with the example model and data: learning, wandb offline logging, the CLI, resuming, DDP,
+the model's structures. Tests that depend on the example itself (its accuracy, its arguments) are marked
+example_model / example_data: conftest.py skips them once a researcher has replaced the example."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from conftest import QUICK, REPO, run_script, script_env
 from wandb_records import wait_for_logged
 
 import train
-from model import ImageClassifier
+from support.training import RequeueAtBatchBoundary
 
 
 def wandb_file(run_dir: str | Path) -> str:
@@ -27,6 +29,8 @@ def wandb_file(run_dir: str | Path) -> str:
     return files[0]
 
 
+@pytest.mark.example_model
+@pytest.mark.example_data
 def test_short_run_learns_and_logs_to_offline_wandb():
     results = train.main(QUICK + ["--trainer.max_epochs=3"])
     assert results["test/acc"] > 0.8  # chance is 0.1
@@ -80,6 +84,8 @@ def test_no_credentials_in_a_terminal_trains_offline_without_prompting(tmp_path:
     assert glob.glob("runs/*/wandb/offline-run-*/run-*.wandb")
 
 
+@pytest.mark.example_model
+@pytest.mark.example_data
 def test_dotted_overrides_and_config_file_take_effect(tmp_path: Path):
     cli = train.build_cli(QUICK + ["--model.hidden_dim=64", "--data.batch_size=32", "--trainer.max_epochs=3",
                                    "--seed_everything=1", "--optimizer.lr=0.01", "--early_stopping.patience=2"])
@@ -99,6 +105,10 @@ def test_dotted_overrides_and_config_file_take_effect(tmp_path: Path):
     assert cli.model.hparams.hidden_dim == 16 and cli.trainer.max_epochs == 1
 
 
+@pytest.mark.example_model
+@pytest.mark.example_data
+@pytest.mark.example_model
+@pytest.mark.example_data
 @pytest.mark.parametrize("args, names", [
     (["--model.hiden_dim=3"], "model.hiden_dim"),
     (["--model.hidden_dim=abc"], "model.hidden_dim"),
@@ -117,6 +127,8 @@ def test_bad_input_exits_nonzero_with_one_line_and_writes_nothing(args: list[str
     assert list(Path.cwd().iterdir()) == [] or not (Path.cwd() / "runs").exists()
 
 
+@pytest.mark.example_model
+@pytest.mark.example_data
 def test_resumed_run_ends_like_an_uninterrupted_one():
     args = QUICK + ["--model.dropout=0.3", "--early_stopping.patience=100"]  # dropout: the RNG must be restored
     full = train.main(args + ["--trainer.max_epochs=4", "--run_dir=full"])
@@ -143,6 +155,10 @@ def test_ddp_two_cpu_processes_complete_a_fit():
     assert "\r" not in result.stdout and "epoch 2/2 done" in result.stdout
 
 
+@pytest.mark.example_model
+@pytest.mark.example_data
+@pytest.mark.example_model
+@pytest.mark.example_data
 @pytest.mark.parametrize("structure", [
     dict(channels=4, depth=1, hidden_dim=8, dropout=0.0),
     dict(channels=16, depth=3, hidden_dim=32, dropout=0.5),
@@ -150,7 +166,7 @@ def test_ddp_two_cpu_processes_complete_a_fit():
 ])
 @pytest.mark.parametrize("shape", [(1, 8, 8), (1, 28, 28), (3, 32, 32)])
 def test_model_builds_and_runs_forward(structure: dict, shape: tuple[int, int, int]):
-    model = ImageClassifier(in_channels=shape[0], num_classes=7, **structure)
+    model = train.MODEL_CLASS(in_channels=shape[0], num_classes=7, **structure)
     logits = model(torch.randn(5, *shape))
     assert logits.shape == (5, 7) and torch.isfinite(logits).all()
     logits.sum().backward()
@@ -178,7 +194,7 @@ def test_the_requeue_signal_is_handled_at_a_batch_boundary_and_marks_sweep_runs(
     original = signal.signal(signal.SIGUSR1, lambda signum, frame: calls.append("lightning requeue"))
     trainer = SimpleNamespace(is_global_zero=True, world_size=1)
     try:
-        callback = train.RequeueAtBatchBoundary()
+        callback = RequeueAtBatchBoundary()
         callback.on_train_start(trainer, None)
         signal.raise_signal(signal.SIGUSR1)
         assert calls == []  # nothing happens in the middle of a step
@@ -196,6 +212,8 @@ def test_the_requeue_signal_is_handled_at_a_batch_boundary_and_marks_sweep_runs(
         signal.signal(signal.SIGUSR1, original)
 
 
+@pytest.mark.example_model
+@pytest.mark.example_data
 def test_a_run_resumed_from_a_mid_epoch_checkpoint_ends_like_an_uninterrupted_one():
     """What a requeued SLURM job does (tested for real in test_slurm_training.py), here without Slurm: a
     checkpoint taken between two batches of epoch 1, then a new run resumed from it."""

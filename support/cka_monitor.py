@@ -1,0 +1,373 @@
+"""CKA around training: `CKAMonitor` (the Lightning callback train.py registers as --cka), the forward hooks it
+records layers with (`LayerRecorder`), its heatmap (`plot_cka_heatmap`), the class-path record every checkpoint
+carries, and the comparison of two checkpoints behind `python cka.py A.ckpt B.ckpt` (`compare_checkpoints`, `main`).
+The numerics live in cka.py, which imports nothing of this.
+
+Which layers: --cka.layers if given, else the model's `cka_layers` attribute if it has one, else `pick_layers`: the
+model's top-level children that hold parameters (a ModuleList / ModuleDict replaced by its own such children,
+torchmetrics metrics left out). Any LightningModule works: when the picked layers cannot be compared (fewer than
+two, a layer the forward never calls, an output that is no tensor with the batch's size first), the monitor turns
+itself off with one warning and the run goes on; only names the user gave that do not exist stop it, at setup.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.utilities import rank_zero_warn
+from torch import Tensor, nn
+from torchmetrics import Metric
+
+from cka import MIN_SAMPLES, MinibatchCKA
+from support.atomic import write_atomic
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["CKAMonitor", "LayerOutputError", "LayerRecorder", "choose_layers", "compare_checkpoints",
+           "load_recorded", "main", "pick_layers", "plot_cka_heatmap", "record_class_paths"]
+
+REPO_DIR = Path(__file__).resolve().parents[1]
+CLASS_PATHS = "class_paths"  # the checkpoint key of the class-path record
+_NO_FORWARD = (nn.ModuleList, nn.ModuleDict)  # containers without a forward, hence without an output to record
+HOW_TO_CHOOSE = ("choose the layers with --cka.layers='[a, b]' (names as in model.named_modules()) or give the "
+                 "model a cka_layers property")
+
+
+class LayerOutputError(RuntimeError):
+    """A recorded layer gave nothing CKA can use: no output in the last forward, or no tensor of the batch's size."""
+
+
+class LayerRecorder:
+    """``with LayerRecorder(model, ["body", "head"]) as rec: model(x); acts = rec.collect()``: the detached outputs
+    (the first tensor of a tuple or list, as an LSTM's) of the named submodules (as in ``model.named_modules()``)
+    in the last forward, in the order of ``names``. Forward hooks are removed on exit."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
+        modules = dict(model.named_modules())
+        if unknown := [name for name in names if name not in modules]:
+            valid = [k for k, m in modules.items() if k and not isinstance(m, _NO_FORWARD)]
+            raise ValueError(f"unknown layer name(s) {unknown}; valid names: {valid}")
+        if containers := [name for name in names if isinstance(modules[name], _NO_FORWARD)]:
+            raise ValueError(f"layer(s) {containers} are containers (ModuleList/ModuleDict) that have no forward, "
+                             "hence no output: name a child module instead")
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate layer names in {list(names)}")
+        self.names, self._modules = list(names), [modules[name] for name in names]  # fail here, not mid-epoch
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.activations: dict[str, Tensor | str] = {}  # a tensor, or the type name of an output that holds none
+
+    def _hook(self, name: str) -> Callable[[nn.Module, object, object], None]:
+        def hook(module: nn.Module, args: object, output: object) -> None:
+            if isinstance(output, (tuple, list)):
+                output = next((o for o in output if isinstance(o, Tensor)), output)
+            self.activations[name] = output.detach() if isinstance(output, Tensor) else type(output).__name__
+        return hook  # never raises: a forward pass is not the place to fail; collect() says what is wrong
+
+    def __enter__(self) -> LayerRecorder:
+        if self._handles:
+            raise RuntimeError("LayerRecorder is already active")
+        self._handles = [m.register_forward_hook(self._hook(n)) for n, m in zip(self.names, self._modules, strict=True)]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self.activations = [], {}
+
+    def collect(self) -> list[Tensor]:
+        """The recorded activations in ``names`` order, each a tensor with the same batch size first; clears them
+        so a stale batch is never returned twice. Raises LayerOutputError otherwise."""
+        if missing := [name for name in self.names if name not in self.activations]:
+            raise LayerOutputError(f"no output recorded for layer(s) {missing}: did the forward pass run through "
+                                   "them?")
+        out, self.activations = [self.activations[name] for name in self.names], {}
+        if bad := {n: a if isinstance(a, str) else "a 0-dim tensor" for n, a in zip(self.names, out, strict=True)
+                   if not isinstance(a, Tensor) or a.dim() == 0}:
+            raise LayerOutputError(f"layer output(s) with no batch dimension to compare: {bad}")
+        sizes = {n: a.shape[0] for n, a in zip(self.names, out, strict=True)}
+        if len(set(sizes.values())) > 1:
+            raise LayerOutputError(f"layer outputs differ in their first (batch) dimension: {sizes}")
+        return out
+
+
+def pick_layers(model: nn.Module) -> list[str]:
+    """The layers compared when none are named: the model's children that hold parameters, in registration order,
+    each ModuleList / ModuleDict replaced by its own such children; torchmetrics metrics are left out."""
+    def walk(module: nn.Module, prefix: str) -> list[str]:
+        names = []
+        for name, child in module.named_children():
+            if isinstance(child, Metric) or next(child.parameters(), None) is None:
+                continue
+            names += walk(child, f"{prefix}{name}.") if isinstance(child, _NO_FORWARD) else [prefix + name]
+        return names
+
+    return walk(model, "")
+
+
+def choose_layers(model: nn.Module, layers: Sequence[str] | None = None) -> tuple[list[str], bool]:
+    """(names, named): `layers` if given, else the model's `cka_layers` if it has any, else `pick_layers(model)`;
+    `named` tells whether a person chose them (a wrong name is then an error, not a reason to turn CKA off)."""
+    named = layers or getattr(model, "cka_layers", None)
+    return (list(named), True) if named else (pick_layers(model), False)
+
+
+def model_input(batch: object) -> Tensor | None:
+    """The input of an (x, y, ...) batch: its first element, if the batch is a tuple or list starting with a tensor."""
+    return batch[0] if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor) else None
+
+
+def plot_cka_heatmap(matrix: Tensor, x_names: Sequence[str], y_names: Sequence[str], path: str | None = None,
+                     title: str = "CKA") -> Figure:
+    """Heatmap of ``matrix[i, j]`` = CKA(x_names[i], y_names[j]) (rows on the vertical axis); returns the Figure.
+    Uses the Agg canvas directly (no pyplot, never a display). With ``path`` the PNG is written atomically (a
+    reader never sees a half-written image), its directory created if needed."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    values = torch.as_tensor(matrix).detach().cpu().double().numpy()
+    if values.shape != (len(x_names), len(y_names)):
+        raise ValueError(f"matrix shape {values.shape} does not match {len(x_names)} x names, {len(y_names)} y names")
+    rows, cols = values.shape
+    fig = Figure(figsize=(max(4.0, 0.6 * cols + 2.5), max(3.5, 0.5 * rows + 2.0)), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    fig.colorbar(ax.imshow(values, vmin=0.0, vmax=1.0, cmap="magma", origin="lower", aspect="auto"), ax=ax, label="CKA")
+    ax.set_xticks(range(cols), labels=list(y_names), rotation=45, ha="right")
+    ax.set_yticks(range(rows), labels=list(x_names))
+    ax.set_title(title)
+    for i, j in [(i, j) for i in range(rows) for j in range(cols)] if rows <= 12 and cols <= 12 else []:
+        ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=8,  # readable on small matrices
+                color="black" if values[i, j] > 0.6 else "white")
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, lambda fh: fig.savefig(fh, format="png", dpi=120))
+    return fig
+
+
+class CKAMonitor(pl.Callback):
+    """Minibatch CKA between layers, accumulated over each validation epoch without storing activations.
+
+    Records the outputs of the layers (see the module's docstring for which) with forward hooks during validation,
+    adds each batch to an unbiased-HSIC accumulator (summed over DDP ranks), and at the epoch's end saves the
+    layer-by-layer heatmap as RUN_DIR/cka/<name>-epochNNN.png and logs it to wandb as `cka/<name>`. With
+    `reference_checkpoint` (a local .ckpt of the same model class; nothing is downloaded) it also compares the
+    model's layers with the reference's, feeding the reference the first element of each (input, ...) batch. It
+    writes the model and DataModule class paths into every checkpoint, even when off, so `python cka.py CKPT_A
+    CKPT_B` can rebuild both without knowing their modules.
+
+    The defaults keep it cheap enough to leave on (benchmarks/cka_validation.py): a few batches estimate the
+    matrix well, and a heatmap costs ~0.1 s to draw, so it runs every 5th epoch on the first 8 batches.
+
+    Args:
+        layers: module names as in `model.named_modules()` (ModuleList / ModuleDict are rejected); default: the
+            model's `cka_layers`, else the top-level layers that hold parameters.
+        reference_checkpoint: path of a checkpoint to compare against, or None.
+        every_n_epochs: compute every n-th training epoch's validation (always in `trainer.validate`); 0: off.
+        max_batches: validation batches per computation (None: all of them).
+    """
+
+    def __init__(self, layers: list[str] | None = None, reference_checkpoint: str | None = None,
+                 every_n_epochs: int = 5, max_batches: int | None = 8) -> None:
+        self.layers, self.reference_checkpoint, self.every_n_epochs = layers, reference_checkpoint, every_n_epochs
+        self.max_batches = max_batches
+        self.reference: pl.LightningModule | None = None
+        self.recorders: list[LayerRecorder] = []
+        self.names: list[str] = []
+        self.batches = self.skipped = 0
+        self.off = False  # turned off for good: the layers cannot be compared (warned once)
+        self.reference_off = False  # batches give no input to feed the reference (warned once)
+
+    def _turn_off(self, why: str) -> None:
+        self.off = True
+        self._stop_recording()
+        rank_zero_warn(f"CKAMonitor is off for this run: {why}; {HOW_TO_CHOOSE}")
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.every_n_epochs <= 0 or self.off:
+            return
+        self.names, named = choose_layers(pl_module, self.layers)
+        if not named and len(self.names) < 2:
+            return self._turn_off(f"it compares layers, and the model has {len(self.names)} top-level layer(s) "
+                                  f"with parameters {self.names}")
+        LayerRecorder(pl_module, self.names)  # fails now, naming the bad layer, rather than after an epoch
+        self.self_cka = MinibatchCKA(len(self.names))
+        if self.reference_checkpoint and self.reference is None:
+            path = Path(self.reference_checkpoint).expanduser()
+            if not path.is_file():
+                raise FileNotFoundError(f"--cka.reference_checkpoint {path} is not a file: give a local checkpoint")
+            self.reference = type(pl_module).load_from_checkpoint(path, map_location="cpu").eval()
+            self.reference.requires_grad_(False)
+            self.cross_cka = MinibatchCKA(len(self.names))
+
+    def _due(self, trainer: pl.Trainer) -> bool:
+        if self.every_n_epochs <= 0 or self.off or trainer.sanity_checking:
+            return False
+        return trainer.state.fn != "fit" or (trainer.current_epoch + 1) % self.every_n_epochs == 0
+
+    def _stop_recording(self) -> None:
+        for recorder in self.recorders:
+            recorder.__exit__(None, None, None)
+        self.recorders = []
+
+    def _compares_reference(self) -> bool:
+        return self.reference is not None and not self.reference_off
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._due(trainer):
+            return
+        self.batches = self.skipped = 0
+        self.self_cka.to(pl_module.device).reset()
+        self.recorders = [LayerRecorder(pl_module, self.names).__enter__()]
+        if self._compares_reference():
+            self.reference.to(pl_module.device)
+            self.cross_cka.to(pl_module.device).reset()
+            self.recorders.append(LayerRecorder(self.reference, self.names).__enter__())
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: object,
+                                batch: object, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if not self.recorders:
+            return
+        try:
+            acts = self.recorders[0].collect()
+        except LayerOutputError as err:
+            return self._turn_off(f"the layers {self.names} cannot be compared: {err}")
+        if acts[0].shape[0] < MIN_SAMPLES:  # the unbiased estimator's minimum: skip a tiny ragged last batch
+            self.skipped += 1
+            return
+        self.self_cka.update(acts)
+        if len(self.recorders) > 1 and (inputs := model_input(batch)) is None:
+            self.reference_off = True
+            self.recorders.pop().__exit__(None, None, None)
+            rank_zero_warn(f"CKAMonitor skips the reference comparison: a validation batch is a "
+                           f"{type(batch).__name__}, not an (input, ...) tuple or list, so the reference model's "
+                           "input is unknown")
+        elif len(self.recorders) > 1:
+            with torch.no_grad():
+                self.reference(inputs)  # the reference sees the same inputs as the model
+            try:
+                self.cross_cka.update(acts, self.recorders[1].collect())
+            except LayerOutputError as err:
+                return self._turn_off(f"the reference's layers {self.names} cannot be compared: {err}")
+        self.batches += 1
+        if self.max_batches is not None and self.batches >= self.max_batches:
+            self._stop_recording()  # enough for this epoch: the remaining batches run without hooks
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._due(trainer):
+            return
+        self._stop_recording()
+        if self.skipped:
+            rank_zero_warn(f"CKA skipped {self.skipped} validation batch(es) of fewer than {MIN_SAMPLES} samples")
+        if self.batches == 0:
+            return
+        n = len(self.names)  # torchmetrics squeezes a 1 x 1 result to 0-dim: reshape
+        results = {"self": self.self_cka.compute().reshape(n, n)}  # compute() sums the accumulators across ranks
+        if self._compares_reference():
+            results["reference"] = self.cross_cka.compute().reshape(n, n)
+        if trainer.is_global_zero:
+            for name, matrix in results.items():
+                self._publish(trainer, name, matrix)
+
+    def _publish(self, trainer: pl.Trainer, name: str, matrix: torch.Tensor) -> None:
+        path = Path(trainer.default_root_dir) / "cka" / f"{name}-epoch{trainer.current_epoch:03d}.png"
+        y_names = self.names if name == "self" else [f"ref {n}" for n in self.names]
+        figure = plot_cka_heatmap(matrix, self.names, y_names, path=str(path),
+                                  title=f"CKA {name}, epoch {trainer.current_epoch}")
+        figure.clear()
+        if isinstance(trainer.logger, WandbLogger):
+            trainer.logger.log_image(key=f"cka/{name}", images=[str(path)], step=trainer.global_step)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        record_class_paths(checkpoint, pl_module, trainer.datamodule)  # whether CKA is on or off
+
+
+# ---------------------------------------------------------------- the class-path record: writer and reader
+def record_class_paths(checkpoint: dict, model: nn.Module, datamodule: object | None = None) -> None:
+    """Store "module.Class" of the model (and DataModule) in a checkpoint dict, for `load_recorded`."""
+    classes = {"model": type(model)} | ({} if datamodule is None else {"datamodule": type(datamodule)})
+    checkpoint[CLASS_PATHS] = {key: f"{cls.__module__}.{cls.__qualname__}" for key, cls in classes.items()}
+
+
+def load_recorded(checkpoint: str, key: str) -> object:
+    """Rebuild the "model" or "datamodule" of a checkpoint from its class-path record (`load_from_checkpoint`),
+    importing its module by the recorded name: the repository root is on the path, so its scripts' modules are."""
+    paths = torch.load(checkpoint, map_location="cpu", weights_only=True).get(CLASS_PATHS, {})
+    if key not in paths:
+        raise ValueError(f"{checkpoint} names no {key} class: use a checkpoint written by train.py")
+    module, _, name = paths[key].rpartition(".")
+    if str(REPO_DIR) not in sys.path:
+        sys.path.insert(0, str(REPO_DIR))
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"{checkpoint}'s {key} class {paths[key]} cannot be imported here ({err}): put its folder "
+                         "on PYTHONPATH") from err
+    return cls.load_from_checkpoint(checkpoint, map_location="cpu")
+
+
+# ---------------------------------------------------------------- two checkpoints: python cka.py A.ckpt B.ckpt
+def compare_checkpoints(ckpt_a: str, ckpt_b: str, out: str, layers: list[str] | None = None,
+                        data_dir: str | None = None) -> Tensor:
+    """Minibatch CKA between the layers of two trained models over A's validation data; writes the heatmap."""
+    model_a, model_b = (load_recorded(path, "model").eval() for path in (ckpt_a, ckpt_b))
+    data = load_recorded(ckpt_a, "datamodule")
+    if data_dir is not None:
+        if "data_dir" not in data.hparams:
+            raise ValueError(f"--data_dir given, but {type(data).__name__} takes no data_dir")
+        data.hparams.data_dir = data_dir
+    names, _ = choose_layers(model_a, layers)
+    if not names:
+        raise ValueError("the model has no layers with parameters: name the layers with --layers")
+    data.prepare_data()
+    data.setup("validate")
+    metric = MinibatchCKA(len(names))
+    with LayerRecorder(model_a, names) as rec_a, LayerRecorder(model_b, names) as rec_b, torch.no_grad():
+        for batch in data.val_dataloader():
+            if (x := model_input(batch)) is None:
+                raise ValueError(f"the validation batches are {type(batch).__name__}s, not (input, ...) tuples")
+            model_a(x)
+            model_b(x)
+            acts_a, acts_b = rec_a.collect(), rec_b.collect()
+            if len(x) >= MIN_SAMPLES:  # the unbiased estimator's minimum; only a tiny ragged last batch is left out
+                metric.update(acts_a, acts_b)
+    matrix = metric.compute().reshape(len(names), len(names))  # 0-dim for one layer (torchmetrics squeezes it)
+    run_a, run_b = (Path(os.path.abspath(path)).parent.parent.name for path in (ckpt_a, ckpt_b))  # runs/<run>/
+    plot_cka_heatmap(matrix, [f"A {n}" for n in names], [f"B {n}" for n in names], path=out,
+                     title=f"CKA: {run_a} vs {run_b}").clear()
+    return matrix
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cka.py",
+                                     description="Compare the layers of two trained checkpoints by minibatch CKA.")
+    parser.add_argument("ckpt_a")
+    parser.add_argument("ckpt_b")
+    parser.add_argument("--out", default="cka_heatmap.png", help="PNG to write")
+    parser.add_argument("--layers", nargs="+",
+                        help="module names (default: the model's cka_layers, else its top-level layers that hold "
+                        "parameters)")
+    parser.add_argument("--data_dir", help="where the validation data lives, if not where A was trained")
+    args = parser.parse_args(argv)
+    for path in (args.ckpt_a, args.ckpt_b):
+        if not os.path.isfile(path):
+            print(f"error: checkpoint {path} does not exist", file=sys.stderr)
+            return 2
+    try:
+        matrix = compare_checkpoints(args.ckpt_a, args.ckpt_b, args.out, args.layers, args.data_dir)
+    except (ValueError, OSError, LayerOutputError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"CKA (rows: layers of A, columns: layers of B), heatmap written to {args.out}")
+    for row in matrix.tolist():
+        print("  ".join(f"{value:.4f}" for value in row))
+    return 0

@@ -1,0 +1,203 @@
+"""Datasets prepared once per data directory: downloaded with pySmartDL, verified, built into tensors, under a lock.
+
+prepare_dataset(name, declaration, data_dir) makes DATA_DIR/<name>/data.pt from a declaration (anything with
+`files`, the RemoteFiles to download into DATA_DIR/<name>/raw/, and `build`, raw dir -> dict of tensors); the
+marker DATA_DIR/<name>/COMPLETE is written last. Many processes (DDP ranks, array tasks, separate jobs) may call it
+at once: one does the work under a file lock, the others wait and then reuse it. A call that finds the marker
+loads nothing and touches no network. Every failure is one DownloadError line that names the file, the URLs
+tried and what to do.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+import time
+import urllib.error
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from filelock import FileLock, Timeout
+from pySmartDL import SmartDL
+
+from support.atomic import write_atomic
+
+COMPLETE_MARKER = "COMPLETE"  # written last: a dataset directory without it is never trusted
+PROCESSED_FILE = "data.pt"
+MIRROR_ENV = "DATA_MIRROR"  # a cluster's own mirror, used instead of the declared: http://host/data/{dataset}/
+TIMEOUT_S = 20.0  # a connection or read that waits longer fails (pySmartDL applies it per socket operation)
+MIN_SPEED = 50_000  # bytes/s: a transfer slower than this on average is abandoned, so a trickle cannot hang us
+ATTEMPTS = 3  # per URL, when the server answered but the transfer failed (dropped, stalled, truncated, HTTP 5xx)
+BACKOFF_S = 2.0  # wait 2 s, then 4 s, ... between attempts at one URL
+THREADS = 4  # parallel connections per file where the server allows ranges (pySmartDL keeps parts >= 2 MB)
+
+
+class DownloadError(RuntimeError):
+    """A dataset could not be downloaded or prepared. The message is one line: file, URLs tried, what to do."""
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One downloaded file: its name in DIR/<dataset>/raw/, its checksum, and the URLs that serve it, in order."""
+
+    name: str
+    checksum: str  # "<hashlib algorithm>:<hex digest>", e.g. "sha256:9f86d0..." or "md5:f68b3c..."
+    urls: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        algorithm, _, digest = self.checksum.partition(":")
+        if algorithm not in hashlib.algorithms_available or not digest:
+            raise ValueError(f"{self.name}: checksum must look like 'sha256:<hex>', got {self.checksum!r}")
+
+
+def remote_files(mirrors: list[str], checksums: dict[str, str]) -> tuple[RemoteFile, ...]:  # file f is at mirror + f
+    return tuple(RemoteFile(name, checksum, tuple(m + name for m in mirrors)) for name, checksum in checksums.items())
+
+
+class DatasetDeclaration(Protocol):
+    """What prepare_dataset needs to know of a dataset (datamodule.py's DatasetSpec is one)."""
+
+    @property
+    def files(self) -> tuple[RemoteFile, ...]: ...  # downloaded and verified into DIR/<name>/raw before `build`
+
+    @property
+    def build(self) -> Callable[[Path], dict[str, torch.Tensor]]: ...  # DIR/<name>/raw -> tensors, saved to data.pt
+
+
+def file_checksum(path: Path, like: str) -> str:
+    """path's checksum with the algorithm of `like` ("sha256:..."), read in blocks: archives run to hundreds of MB
+    (170 MB for the largest the template ships)."""
+    algorithm = like.partition(":")[0]
+    digest = hashlib.new(algorithm, usedforsecurity=False)
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return f"{algorithm}:{digest.hexdigest()}"
+
+
+def fetch(url: str, dest: Path) -> None:
+    """One pySmartDL transfer of url to dest; raises what went wrong."""
+    dl = SmartDL(url, str(dest), threads=THREADS, timeout=TIMEOUT_S, progress_bar=sys.stdout.isatty())
+    # pySmartDL's own retries reuse a thread pool that remembers the first failure, so they re-download the
+    # whole file three times and fail anyway: it makes one attempt, the retries with back-off are ours.
+    dl.attemps_limit = 1
+    dl.start(blocking=False)  # raises at once for a refused connection or an HTTP error
+    # Its timeout bounds each socket operation, not the transfer: a server trickling bytes would keep it going
+    # forever, so wait against a deadline of our own (unknown sizes count as 1 GiB).
+    deadline = time.monotonic() + 2 * TIMEOUT_S + (dl.filesize or 1 << 30) / MIN_SPEED
+    try:
+        while not dl.isFinished():
+            if time.monotonic() > deadline:
+                raise OSError(f"too slow: under {MIN_SPEED / 1000:g} kB/s on average")
+            time.sleep(0.05)
+    except BaseException:  # our deadline, or Ctrl-C: stop its threads, which would otherwise carry on
+        dl.stop()
+        raise
+    dl.wait()
+    if not dl.isSuccessful():
+        thread_errors = dl.pool.get_exceptions()  # the errors its threads hit (get_errors() only summarises them)
+        raise thread_errors[0] if thread_errors else OSError("incomplete transfer: the connection closed early")
+    size = dest.stat().st_size
+    if dl.filesize and size != dl.filesize:  # pySmartDL lets up to 4 kB per thread go missing
+        raise OSError(f"incomplete transfer: received {size} of {dl.filesize} bytes")
+
+
+def describe(err: Exception) -> tuple[str, bool]:
+    """A short reason, and whether the same URL is worth another try (the server answered, the transfer failed)."""
+    if isinstance(err, urllib.error.HTTPError):
+        return f"HTTP {err.code} {err.reason}", int(err.code) >= 500 or int(err.code) in (408, 429)
+    if isinstance(err, urllib.error.URLError):  # no connection at all: refused, unknown host, no route, timeout
+        return f"cannot connect ({getattr(err.reason, 'strerror', None) or err.reason})", False
+    if isinstance(err, (TimeoutError, ConnectionError)):
+        stalled = isinstance(err, TimeoutError)
+        return f"no data for {TIMEOUT_S:g} s (server stalled)" if stalled else f"connection dropped ({err})", True
+    return str(err) or type(err).__name__, True
+
+
+def download(file: RemoteFile, urls: list[str], raw: Path, dataset: str) -> None:
+    """Fetch file into raw/, verified: it appears under its name whole and correct, or not at all. A full disk is
+    raised as it is (OSError ENOSPC): no other attempt or URL can help, and prepare_dataset names it."""
+    failures, mismatch = [], False
+    for url in urls:
+        for attempt in range(1, ATTEMPTS + 1):
+            tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=raw))  # also catches pySmartDL's .000 parts
+            try:
+                print(f"downloading {url}", flush=True)
+                fetch(url, tmp / file.name)
+                got = file_checksum(tmp / file.name, file.checksum)
+                if got == file.checksum.lower():
+                    os.replace(tmp / file.name, raw / file.name)  # atomic: the final name only holds verified files
+                    return
+                problem, retry, mismatch = f"checksum mismatch (got {got}, declared {file.checksum})", False, True
+            except Exception as err:  # whatever pySmartDL raises: report it, then try again or move on
+                if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+                    raise
+                problem, retry = describe(err)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if not retry or attempt == ATTEMPTS:
+                failures.append(f"{url}: {problem}" + (f" ({attempt} attempts)" if attempt > 1 else ""))
+                break
+            time.sleep(BACKOFF_S * 2 ** (attempt - 1))
+    hint = "; a checksum mismatch means the server sent other bytes than declared" if mismatch else ""
+    raise DownloadError(f"could not download {file.name} of dataset {dataset!r}: {'; '.join(failures)}. "
+                        f"Check the network and mirror, or prepare it where there is internet (a login node): "
+                        f"`python datamodule.py --dataset {dataset} --data_dir DIR`, or point --data.mirror or "
+                        f"${MIRROR_ENV} at a mirror that has it{hint}")
+
+
+def prepare_dataset(name: str, spec: DatasetDeclaration, data_dir: str | Path, mirror: str | None = None) -> Path:
+    """Download, verify and build DIR/<name>/data.pt once; safe when many processes (DDP ranks, array tasks,
+    separate jobs) call it at once: one does the work under a file lock, the others wait and then reuse it.
+    Each file comes from its declared URLs in order, or only from `mirror` (default $DATA_MIRROR) + its name."""
+    root = Path(data_dir).expanduser().resolve() / name
+    marker = root / COMPLETE_MARKER
+    if marker.exists():  # fast path: no lock, no network
+        return root / PROCESSED_FILE
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(f"cannot create data directory {root}: {err.strerror}; pass a writable --data.data_dir") from err
+    lock = FileLock(str(root) + ".lock")
+    try:
+        lock.acquire(blocking=False)
+    except Timeout:
+        print(f"waiting for another process to prepare {name} in {root}", flush=True)
+        lock.acquire()
+    step = "creating raw/"  # named in the one message for a full disk, whichever step filled it
+    try:
+        if not marker.exists():  # another process may have finished while we waited
+            raw = root / "raw"
+            if spec.files:
+                raw.mkdir(exist_ok=True)
+                for leftover in raw.glob(".download-*"):  # from a process that was killed mid-download
+                    shutil.rmtree(leftover, ignore_errors=True)
+            base = mirror or os.environ.get(MIRROR_ENV)
+            for file in spec.files:
+                path = raw / file.name
+                if path.exists() and file_checksum(path, file.checksum) == file.checksum.lower():
+                    continue  # copied in by hand, or fetched by an earlier, interrupted preparation
+                urls = [base.replace("{dataset}", name).rstrip("/") + "/" + file.name] if base else list(file.urls)
+                step = f"downloading {file.name} from {' or '.join(urls)}"
+                download(file, urls, raw, name)
+            step = f"building {PROCESSED_FILE}"
+            data = spec.build(raw)
+            step = f"writing {PROCESSED_FILE}"
+            # durable: on disk before the marker can be, even if the node crashes
+            write_atomic(root / PROCESSED_FILE, lambda f: torch.save(data, f), durable=True)
+            marker.write_text("ok\n")
+    except OSError as err:
+        if err.errno == errno.ENOSPC:  # the one place a full disk is named (download() passes it on)
+            raise DownloadError(f"no space left on device while preparing {name} in {root} ({step}): free some "
+                                "space or pass --data.data_dir on a larger disk") from err
+        raise
+    finally:
+        lock.release()
+    return root / PROCESSED_FILE

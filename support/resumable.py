@@ -1,0 +1,150 @@
+"""Exact mid-epoch resume and DDP sharding for any DataModule's training DataLoader.
+
+A DataModule returns its training loader the way Lightning's docs write it, `DataLoader(dataset, batch_size=...,
+shuffle=True)`. ResumableTrainingData (a callback train.py adds) rebuilds that loader with EpochShuffleSampler, the
+way Lightning itself puts in its DistributedSampler: a permutation that depends only on (seed, epoch), sharded by
+rank, that can start part-way through an epoch. The loader's `state_dict` records (epoch, batches trained), which
+Lightning saves in every checkpoint and hands back on resume, so a resumed run trains on exactly the batches an
+uninterrupted run would. Where that cannot be done (an IterableDataset, a custom sampler or batch_sampler), one
+warning says that a resumed run restarts its interrupted epoch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from types import MethodType
+from typing import Any
+
+import torch
+from pytorch_lightning import Callback, LightningModule, Trainer
+from pytorch_lightning.utilities import rank_zero_warn
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+)
+
+
+class EpochShuffleSampler(DistributedSampler):
+    """A new permutation every epoch that depends only on (seed, epoch), not on the global RNG (or the data order
+    when shuffle is off); under DDP each rank takes every num_replicas-th index of it (padded, as torch's
+    DistributedSampler does). `resume_at` makes one epoch's pass start after the samples this rank had already
+    trained on. Being a DistributedSampler, Lightning keeps it under DDP instead of swapping in its own."""
+
+    def __init__(self, data_source: Dataset, seed: int, num_replicas: int = 1, rank: int = 0,
+                 shuffle: bool = True) -> None:
+        super().__init__(data_source, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.resume_at: tuple[int, int] | None = None  # (epoch, samples of it already trained), for one pass
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(len(self.dataset), generator=generator)
+        else:
+            order = torch.arange(len(self.dataset))
+        order = order.repeat(-(-self.total_size // len(order)))[:self.total_size]  # pad so every rank gets as many
+        epoch, skip = self.resume_at or (self.epoch, 0)
+        self.resume_at = None
+        return iter(order[self.rank::self.num_replicas][skip if epoch == self.epoch else 0:].tolist())
+
+
+def why_not_resumable(loader: DataLoader) -> str | None:
+    """Why EpochShuffleSampler cannot replace this loader's sampler, or None when it can."""
+    if isinstance(loader.dataset, IterableDataset):
+        return "its dataset is an IterableDataset (no indices to reorder)"
+    if loader.batch_size is None or type(loader.batch_sampler) is not BatchSampler:
+        return f"it has a custom batch_sampler ({type(loader.batch_sampler).__name__})"
+    if not isinstance(loader.sampler, (RandomSampler, SequentialSampler, DistributedSampler)):
+        return f"it has a custom sampler ({type(loader.sampler).__name__})"
+    if isinstance(loader.sampler, RandomSampler) and (loader.sampler.replacement
+                                                      or loader.sampler.num_samples != len(loader.dataset)):
+        return "its RandomSampler draws with replacement or a fixed number of samples"
+    return None
+
+
+def with_sampler(loader: DataLoader, sampler: EpochShuffleSampler, seed: int) -> DataLoader:
+    """The same DataLoader with `sampler` instead of its own. Its own generator: creating an iterator then never
+    draws from the global RNG, which the model's dropout uses, so a resumed run's dropout masks match."""
+    generator = torch.Generator().manual_seed(seed)
+    if type(loader) is DataLoader:  # the common case, rebuilt from its public attributes
+        workers = loader.num_workers
+        return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, num_workers=workers,
+                          collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=loader.drop_last,
+                          timeout=loader.timeout, worker_init_fn=loader.worker_init_fn, generator=generator,
+                          multiprocessing_context=loader.multiprocessing_context,
+                          prefetch_factor=loader.prefetch_factor if workers > 0 else None,
+                          persistent_workers=loader.persistent_workers, pin_memory_device=loader.pin_memory_device,
+                          in_order=loader.in_order)
+    # A DataLoader subclass: rebuilt the way Lightning rebuilds it to put in its DistributedSampler, from the
+    # arguments it recorded when train_dataloader() made it. Private; watched by tests/test_private_names.py.
+    from pytorch_lightning.trainer.states import RunningStage
+    from pytorch_lightning.utilities.data import _update_dataloader
+
+    rebuilt = _update_dataloader(loader, sampler, mode=RunningStage.TRAINING)
+    rebuilt.generator = generator
+    return rebuilt
+
+
+class ResumableTrainingData(Callback):
+    """Puts EpochShuffleSampler into the training DataLoader that the DataModule (or the model) returns and makes the
+    loader resumable in Lightning's sense (`state_dict` / `load_state_dict`), as the module docstring explains."""
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        owner = trainer.datamodule if trainer.datamodule is not None else pl_module
+        for hook in ("train_dataloader", "val_dataloader", "test_dataloader"):
+            make_loader = getattr(owner, hook)
+            if getattr(make_loader, "wrapped_by_template", False):
+                continue
+
+            def wrapped(hook: str = hook, make_loader: Any = make_loader) -> Any:
+                loader = make_loader()
+                if hook == "train_dataloader":
+                    return self.resumable(loader, trainer)
+                if isinstance(loader, DataLoader):
+                    # Evaluation loaders draw their iterators' seeds from here rather than from the global RNG, so
+                    # validating (or validating more often) never changes the training run's dropout masks.
+                    loader.generator = torch.Generator().manual_seed(int(os.environ.get("PL_GLOBAL_SEED", 0)))
+                return loader
+
+            wrapped.wrapped_by_template = True  # type: ignore[attr-defined]
+            setattr(owner, hook, wrapped)  # an instance attribute: Lightning calls the hook by name
+
+    def resumable(self, loader: Any, trainer: Trainer) -> Any:
+        if not isinstance(loader, DataLoader):
+            rank_zero_warn(f"the training data is a {type(loader).__name__}, not one DataLoader: a resumed run "
+                           "restarts its interrupted epoch (exact mid-epoch resume needs one map-style DataLoader)")
+            return loader
+        if problem := why_not_resumable(loader):
+            rank_zero_warn(f"the training DataLoader cannot be resumed mid-epoch: {problem}; a resumed run restarts "
+                           "its interrupted epoch")
+            return loader
+        # Seeded like Lightning's own samplers: by seed_everything, which also sets PL_GLOBAL_SEED for DDP workers.
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        shuffle = not isinstance(loader.sampler, SequentialSampler) and getattr(loader.sampler, "shuffle", True)
+        sampler = EpochShuffleSampler(loader.dataset, seed, trainer.world_size, trainer.global_rank, shuffle)
+        try:
+            loader = with_sampler(loader, sampler, seed)
+        except Exception as err:  # a subclass whose arguments Lightning could not recover
+            rank_zero_warn(f"the training DataLoader ({type(loader).__name__}) could not be rebuilt with a resumable "
+                           f"sampler ({err}); a resumed run restarts its interrupted epoch")
+            return loader
+        loop = trainer.fit_loop
+        batch_size = loader.batch_size
+
+        def state_dict(_loader: DataLoader) -> dict[str, int]:
+            # The Trainer's counts, not the loader's: they say what was trained rather than what was prefetched.
+            return {"epoch": loop.epoch_progress.current.completed,
+                    "batches_trained": loop.epoch_loop.batch_progress.current.completed}
+
+        def load_state_dict(_loader: DataLoader, state: dict[str, int]) -> None:
+            if _loader.sampler is sampler:  # Lightning swaps in a SequentialSampler for overfit_batches
+                sampler.resume_at = (state["epoch"], state["batches_trained"] * batch_size)
+
+        loader.state_dict = MethodType(state_dict, loader)
+        loader.load_state_dict = MethodType(load_state_dict, loader)
+        return loader

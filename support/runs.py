@@ -1,0 +1,59 @@
+"""Run directories and Slurm jobs: how runs and grids are named, and whether a job's tasks fit the Trainer.
+
+Light on purpose (no torch, no Lightning): slurm_train.py uses it before it loads anything heavy.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+import uuid
+from pathlib import Path
+
+
+def slurm_batch_job() -> str | None:
+    """'<array job>_<task>' or '<job>' inside a Slurm batch job (not an interactive `srun --pty`), else None: stable
+    across requeues of the same job, so a requeued task finds its own run directory again."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job or os.environ.get("SLURM_JOB_NAME") in ("bash", "interactive"):  # as Lightning's SLURMEnvironment
+        return None
+    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array_job}_{task}" if array_job and task else job
+
+
+def timestamped_name(prefix: str = "") -> str:
+    """<prefix><time>-<random>: sorts by start time, and two runs started in the same second never collide."""
+    return prefix + time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+
+
+def default_run_name() -> str:
+    sweep, sweep_run = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
+    if sweep and sweep_run:  # started by a wandb sweep agent: one directory per sweep run, found again on resume
+        return f"sweep-{sweep}-{sweep_run}"
+    if job := slurm_batch_job():
+        return f"slurm-{job}"
+    return timestamped_name()
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The wandb run id of a run directory: made once and kept in the directory (SaveConfigAndLog writes it when
+    training starts), so a resumed or requeued run continues the same wandb run, while two clusters' job 123
+    never share one. A sweep agent's run id (WANDB_RUN_ID) wins: the sweep knows its run by that id."""
+    if os.environ.get("WANDB_RUN_ID"):
+        return os.environ["WANDB_RUN_ID"]
+    id_file = run_dir / "wandb_id"
+    if id_file.exists():
+        return id_file.read_text().strip()
+    return re.sub(r"[^A-Za-z0-9_-]", "-", run_dir.name)[:50] + "-" + uuid.uuid4().hex[:8]
+
+
+def tasks_devices_mismatch(tasks: int, devices: int, nodes: int) -> str | None:
+    """Why Slurm's tasks do not fit the Trainer's devices x nodes (Lightning needs one task per device, or each task
+    trains alone / DDP hangs), as one line; None when they fit. The one copy of this check: train.py runs it on the
+    Trainer, slurm_train.py on every row before it submits."""
+    if tasks == devices * nodes:
+        return None
+    return (f"Slurm runs {tasks} task(s) but the Trainer runs {devices} device(s) x {nodes} node(s); Lightning needs "
+            f"one task per device: set --ntasks-per-node={devices} --nodes={nodes}, or --trainer.devices / "
+            f"--trainer.num_nodes to match the job")

@@ -1,0 +1,225 @@
+"""The machinery train.py wires in: wandb logging that falls back to offline, progress lines for log files, exact
+resume (random states), requeue at a batch boundary, run directories, the git commit, one-line errors.
+
+None of it names the example model or data; train.py's first lines choose those.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pytorch_lightning import LightningModule, Trainer
+from pytorch_lightning.callbacks import Callback, ProgressBar
+from pytorch_lightning.cli import SaveConfigCallback
+from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.loggers.logger import rank_zero_experiment
+from pytorch_lightning.utilities import rank_zero_only
+
+from support.atomic import write_atomic
+
+REPO_DIR = Path(__file__).resolve().parent.parent
+
+
+@rank_zero_only
+def warn(message: str) -> None:
+    """One plain line on stderr, from rank 0 only: what a researcher reads in a SLURM log (Python's warnings add the
+    file, line and source line, which say nothing to them)."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+class FallbackWandbLogger(WandbLogger):
+    """A WandbLogger that falls back to offline logging, with one warning, when wandb cannot start online."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        # Private: WandbLogger keeps wandb.init's arguments in _wandb_init and the run in _experiment; the fallback
+        # changes the mode and starts again. tests/test_private_names.py fails clearly if an upgrade renames them.
+        self._wandb_init.pop("anonymous", None)  # deprecated in wandb: passing it only prints a warning
+
+    @property
+    @rank_zero_experiment
+    def experiment(self):  # type: ignore[override]
+        import wandb
+
+        try:
+            return super().experiment
+        except Exception as err:  # wandb.Error, or the service's own errors (timeouts, refused credentials)
+            if self._wandb_init.get("mode") == "offline":
+                raise
+            warn(f"wandb could not start online ({type(err).__name__}: {str(err).splitlines()[0][:200]}); logging "
+                 f"offline instead. Upload later with `wandb sync {self.save_dir}/wandb/offline-run-*`.")
+            # The failed online run stays registered in wandb's service, which then refuses the same run id
+            # ("run ID ... is in use"): stop the service, so the offline run starts a fresh one.
+            wandb.teardown()
+            self._wandb_init["mode"] = "offline"
+            self._experiment = None
+            return super().experiment
+
+
+def wandb_settings(init_timeout: float) -> Any:
+    import wandb
+
+    # git_root: wandb records the commit of this repository, not of the run directory it writes into.
+    return wandb.Settings(init_timeout=init_timeout, silent=True, git_root=str(REPO_DIR))
+
+
+class LogLineProgress(ProgressBar):
+    """Progress for log files (SLURM output, pipes): a plain line every `interval` seconds and at each epoch end,
+    instead of a stream of carriage returns. Reads metrics only when it prints, so it adds no per-step sync."""
+
+    def __init__(self, interval: float = 30.0) -> None:
+        super().__init__()
+        self.interval, self.enabled, self.last_print, self.epoch_start = interval, True, 0.0, 0.0
+
+    def disable(self) -> None:
+        self.enabled = False
+
+    def enable(self) -> None:
+        self.enabled = True
+
+    def _print(self, trainer: Trainer, pl_module: LightningModule, what: str) -> None:
+        if not (self.enabled and trainer.is_global_zero):
+            return
+        metrics = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num"}
+        parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in sorted(metrics.items())]
+        print(" | ".join([what, *parts]), flush=True)
+        self.last_print = time.monotonic()
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.epoch_start = time.monotonic()
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if time.monotonic() - self.last_print >= self.interval:
+            self._print(trainer, pl_module, f"epoch {trainer.current_epoch} batch {batch_idx + 1}/"
+                                            f"{self.total_train_batches}")
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        seconds = time.monotonic() - self.epoch_start
+        done = f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs} done in {seconds:.1f}s"
+        self._print(trainer, pl_module, done)
+
+
+class ResumeRNGState(Callback):
+    """Saves the random number generators' states in every checkpoint and puts them back when training resumes,
+    so a resumed run draws the same dropout masks and loader seeds as an uninterrupted one (Lightning restores
+    weights, optimizer and loops, but not these). Applied when training starts, after the sanity check; the
+    training loader has its own generator (support/resumable.py), so only training steps draw from these."""
+
+    def __init__(self) -> None:
+        self.pending: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()  # as tensors and numbers: weights_only loads
+        numpy_state = [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]
+        state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.pending = state_dict
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.pending is None:
+            return
+        torch.set_rng_state(self.pending["torch"])
+        kind, keys, pos, has_gauss, gauss = self.pending["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        random.setstate(self.pending["python"])
+        if "cuda" in self.pending and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(self.pending["cuda"])
+        self.pending = None
+
+
+class RequeueAtBatchBoundary(Callback):
+    """SLURM's requeue signal (SIGUSR1), handled between two training batches. Lightning's handler saves the
+    hpc checkpoint and requeues the job at once, possibly halfway through an optimizer step; run at a batch
+    boundary instead, it saves weights, loop position, data position and RNG states that agree, so the
+    requeued run continues exactly. In a wandb sweep the run is also marked as preempting, so the sweep hands
+    it to an agent again instead of counting it as crashed. Lightning restores the original handler on teardown."""
+
+    def __init__(self) -> None:
+        self.pending: tuple[Any, Any] | None = None
+        self.lightning_handler: Any = None
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.lightning_handler = signal.getsignal(signal.SIGUSR1) if hasattr(signal, "SIGUSR1") else None
+        if callable(self.lightning_handler):
+            signal.signal(signal.SIGUSR1, lambda signum, frame: setattr(self, "pending", (signum, frame)))
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if not callable(self.lightning_handler):
+            return  # not under Slurm with auto-requeue: Lightning installed no handler
+        pending = self.pending is not None
+        if trainer.world_size > 1:  # DDP: all ranks act at the same batch, as saving is collective. Agreeing costs an
+            if batch_idx % 10:  # all-reduce and a host sync (~0.2 ms on CPU), so only every 10th batch
+                return
+            pending = trainer.strategy.reduce_boolean_decision(pending, all=False)
+        if not pending:
+            return
+        signum, frame = self.pending or (signal.SIGUSR1, None)
+        self.pending = None
+        if os.environ.get("WANDB_SWEEP_ID") and trainer.is_global_zero:
+            import wandb
+
+            if wandb.run is not None:
+                wandb.run.mark_preempting()
+        self.lightning_handler(signum, frame)
+
+
+def git_commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_DIR, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_DIR,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
+class SaveConfigAndLog(SaveConfigCallback):
+    """Saves config.yaml in the run directory (Lightning's default) and records it, the seed and the git commit
+    in the logger, so every wandb run says exactly what produced it."""
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if isinstance(trainer.logger, WandbLogger):
+            id_file = Path(trainer.default_root_dir) / "wandb_id"
+            if not id_file.exists():
+                write_atomic(id_file, trainer.logger.version + "\n")
+        if trainer.logger is not None:
+            extra = {"git_commit": git_commit(), "run_dir": trainer.default_root_dir}
+            trainer.logger.log_hyperparams({**self.config.as_dict(), **extra})
+
+
+def one_line(err: BaseException) -> str:
+    """jsonargparse errors span many lines; keep the key path, what was expected and the value given."""
+    lines = [line.strip(" -") for line in str(err).splitlines() if line.strip(" -")]
+    keys = re.findall(r'Parser key "([^"]+)"', str(err))
+    if len(keys) > 1:  # a nested key such as optimizer.lr: the useful part is deep inside
+        expected = next((line for line in lines if line.startswith("Expected a <")), lines[-1])
+        given = next((line for line in lines if line.startswith("Given value:")), "")
+        return f'Parser key "{".".join(keys)}": {expected}. {given}'.strip()
+    return " ".join(lines[:2]) if lines else type(err).__name__
+
+
+def quiet_known_warnings() -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")  # in-memory data needs none
+    warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")  # Lightning's, not yours
+
+
+def is_terminal() -> bool:
+    return sys.stdout.isatty()

@@ -1,0 +1,78 @@
+"""Whether wandb can log online here, decided the way the installed wandb decides it, without prompting or hanging.
+
+Light on purpose (no torch, no Lightning): sweep.py's agent check runs it on login nodes.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+import urllib.request
+from typing import Any
+
+OFFLINE_HINT = ("on machines without internet, run the sweep offline instead: `python sweep.py --list` (or "
+                "slurm_train.py) enumerates the same SWEEP_CONFIG, then `wandb sync` the runs")
+
+
+def wandb_settings() -> Any:
+    """wandb's settings as `wandb.init` would load them now: environment variables, the settings file that
+    `wandb login --host` writes, and wandb's own default server (which changes between releases: 0.31's is
+    api.forge.coreweave.com, not api.wandb.ai)."""
+    # Private class: wandb's public singleton caches the environment of its first use, and tests (or a process
+    # that changes WANDB_* variables) need the current one. tests/test_private_names.py watches it.
+    from wandb.sdk.wandb_setup import _WandbSetup
+
+    return _WandbSetup(pid=os.getpid()).settings
+
+
+def has_wandb_credentials() -> bool:
+    """True when wandb would find an API key without prompting: WANDB_API_KEY, an identity token, or a netrc entry
+    for the server it will use (looked up by wandb's own netrc reader, which also knows its hosts' aliases)."""
+    from wandb.sdk.lib import wbauth  # what `wandb login` writes, wandb reads here; watched by test_private_names
+
+    settings = wandb_settings()
+    if settings.api_key or settings.identity_token_file:
+        return True
+    try:
+        return wbauth.read_netrc_auth(host=settings.base_url) is not None
+    except Exception:  # an unreadable netrc or a malformed key: wandb would not log in with it either
+        return False
+
+
+def server_problem(timeout: float) -> str | None:
+    """Why the wandb server that wandb will use cannot be reached within `timeout` seconds (one line), or None."""
+    url = wandb_settings().base_url
+    try:
+        urllib.request.urlopen(url, timeout=timeout).close()  # honours https_proxy like wandb does
+    except urllib.error.HTTPError:
+        return None  # it answered: reachable, whatever the status
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        return f"cannot reach the wandb server {url} within {timeout:g} s ({getattr(err, 'reason', err)})"
+    return None
+
+
+def choose_mode(requested: str, init_timeout: float) -> tuple[str, str | None]:
+    """The wandb mode for a run and, when online was wanted but cannot work, why (one line, for a warning).
+    auto: WANDB_MODE if set, else online with credentials, offline without. Online without credentials is an
+    error (wandb would prompt, forever in a terminal); online with an unreachable server becomes offline."""
+    mode = requested if requested != "auto" else os.environ.get("WANDB_MODE") or "auto"
+    if mode == "auto":
+        if not has_wandb_credentials():
+            return "offline", None
+        mode = "online"
+    elif mode == "online" and not has_wandb_credentials():
+        raise ValueError("wandb mode 'online' needs credentials: run `wandb login` or set WANDB_API_KEY, "
+                         "or use --wandb.mode=offline")
+    if mode == "online" and (problem := server_problem(min(init_timeout, 10.0))):
+        return "offline", problem
+    return mode, None
+
+
+def agent_problem(timeout: float = 10.0) -> str | None:
+    """Why a wandb agent cannot work here (one line), or None. Agents get every run's settings from the server."""
+    mode = os.environ.get("WANDB_MODE", "")
+    if mode in ("offline", "disabled", "dryrun"):
+        return f"WANDB_MODE={mode}, but a wandb agent needs the wandb server for every run; {OFFLINE_HINT}"
+    if problem := server_problem(timeout):
+        return f"{problem}; {OFFLINE_HINT}"
+    return None

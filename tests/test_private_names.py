@@ -1,0 +1,61 @@
+"""The private names of Lightning and wandb that the template still uses, each where no public API does the job.
+When an upgrade renames or changes one, its test here fails with a message saying what broke, instead of a run
+failing somewhere deep inside. Each use in the code carries a comment pointing here."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+def test_wandb_setup_loads_the_current_environment(monkeypatch: pytest.MonkeyPatch):
+    """support/wandb_access.py: wandb's settings as wandb.init would load them now (the public singleton caches the
+    environment of its first use)."""
+    from wandb.sdk.wandb_setup import _WandbSetup
+
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    settings = _WandbSetup(pid=os.getpid()).settings
+    assert settings.base_url == "http://127.0.0.1:9", "wandb's _WandbSetup no longer reads WANDB_BASE_URL"
+    assert settings.api_key == "k" * 40, "wandb's _WandbSetup no longer reads WANDB_API_KEY"
+
+
+def test_wandb_reads_the_netrc_entry_for_its_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """support/wandb_access.py: wandb's own netrc reader, the one `wandb login` pairs with."""
+    from wandb.sdk.lib import wbauth
+
+    netrc = tmp_path / ".netrc"
+    netrc.write_text(f"machine example.org\n  login user\n  password {'p' * 40}\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    assert wbauth.read_netrc_auth(host="https://example.org") == "p" * 40, "wbauth.read_netrc_auth changed"
+
+
+def test_wandb_logger_keeps_init_arguments_and_run_where_the_fallback_changes_them(tmp_path: Path):
+    """support/training.py FallbackWandbLogger: switches _wandb_init["mode"] and clears _experiment."""
+    from pytorch_lightning.loggers import WandbLogger
+
+    logger = WandbLogger(save_dir=str(tmp_path), mode="offline", id="abc")
+    assert isinstance(logger._wandb_init, dict) and logger._wandb_init.get("mode") == "offline", \
+        "WandbLogger no longer keeps wandb.init's arguments in _wandb_init"
+    assert hasattr(logger, "_experiment") and logger._experiment is None, "WandbLogger no longer has _experiment"
+
+
+def test_lightning_rebuilds_a_dataloader_subclass_with_another_sampler():
+    """support/resumable.py: a DataLoader subclass gets the resumable sampler the way Lightning puts in its own."""
+    from pytorch_lightning.trainer.states import RunningStage
+    from pytorch_lightning.utilities.data import _update_dataloader
+    from torch.utils.data import DataLoader, SequentialSampler
+
+    class MyLoader(DataLoader):
+        def __init__(self, dataset: list, extra: int, **kwargs: object) -> None:
+            self.extra = extra
+            super().__init__(dataset, **kwargs)
+
+    loader = MyLoader(list(range(6)), extra=3, batch_size=2, shuffle=True)
+    sampler = SequentialSampler(range(6))
+    rebuilt = _update_dataloader(loader, sampler, mode=RunningStage.TRAINING)
+    assert type(rebuilt) is MyLoader and rebuilt.sampler is sampler and rebuilt.extra == 3, \
+        "pytorch_lightning.utilities.data._update_dataloader no longer rebuilds loaders with a new sampler"

@@ -1,0 +1,122 @@
+"""wandb as a logged-in researcher meets it: credentials found the way the installed wandb finds them, and a run
+that cannot reach the server (a compute node without internet, a server that refuses) logs offline and finishes."""
+
+from __future__ import annotations
+
+import glob
+import http.server
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+import wandb
+from conftest import QUICK, REPO, script_env
+
+from support.wandb_access import choose_mode, has_wandb_credentials
+
+KEY = "0123456789abcdef0123456789abcdef01234567"  # key-shaped: 40 characters
+
+
+@pytest.fixture
+def no_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A home without netrc or wandb settings, and no WANDB_* credentials in the environment."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("NETRC", str(home / ".netrc"))
+    for name in ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_CONFIG_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    return home
+
+
+def closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_a_netrc_entry_for_wandbs_default_host_is_seen_as_logged_in(no_credentials: Path):
+    assert not has_wandb_credentials()
+    host = urlparse(wandb.Settings().base_url).hostname  # the installed wandb's default server, whatever it is
+    netrc = no_credentials / ".netrc"
+    netrc.write_text(f"machine {host}\n  login user\n  password {KEY}\n")
+    netrc.chmod(0o600)
+    assert has_wandb_credentials()
+
+
+def test_a_netrc_entry_for_another_host_is_not_credentials(no_credentials: Path):
+    netrc = no_credentials / ".netrc"
+    netrc.write_text(f"machine example.org\n  login user\n  password {KEY}\n")
+    netrc.chmod(0o600)
+    assert not has_wandb_credentials()
+
+
+def test_the_server_setting_follows_wandbs_own_sources(no_credentials: Path, monkeypatch: pytest.MonkeyPatch):
+    """`wandb login --host` keeps the server in wandb's settings file: the key for that host counts, not others."""
+    settings_dir = no_credentials / ".config" / "wandb"
+    settings_dir.mkdir(parents=True)
+    (settings_dir / "settings").write_text("[default]\nbase_url = https://wandb.example.org\n")
+    netrc = no_credentials / ".netrc"
+    netrc.write_text(f"machine wandb.example.org\n  login user\n  password {KEY}\n")
+    netrc.chmod(0o600)
+    assert has_wandb_credentials()
+    monkeypatch.setenv("WANDB_BASE_URL", "https://other.example.org")  # the environment wins, as in wandb
+    assert not has_wandb_credentials()
+
+
+def test_credentials_with_an_unreachable_server_choose_offline_with_a_reason(no_credentials: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.setenv("WANDB_API_KEY", KEY)
+    monkeypatch.setenv("WANDB_BASE_URL", closed_port_url())
+    mode, reason = choose_mode("auto", init_timeout=5)
+    assert mode == "offline" and "cannot reach the wandb server" in reason
+    monkeypatch.delenv("WANDB_API_KEY")
+    assert choose_mode("auto", init_timeout=5) == ("offline", None)  # no credentials: offline, nothing to say
+    with pytest.raises(ValueError, match="wandb login"):
+        choose_mode("online", init_timeout=5)
+
+
+class Refusing(http.server.BaseHTTPRequestHandler):
+    """A server that answers every request with an error: reachable, but wandb cannot start a run there."""
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's names)
+        self.send_error(500)
+
+    do_POST = do_GET
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def refusing_server() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+@pytest.mark.parametrize("server", ["unreachable", "refusing"])
+def test_a_logged_in_run_without_a_server_trains_to_the_end_offline(server: str, no_credentials: Path,
+                                                                    refusing_server: str):
+    """The common case on compute nodes: a key, and no route to the server (or one that fails). One warning, offline
+    logging into the run directory, exit 0, a run that `wandb sync` can upload later."""
+    url = closed_port_url() if server == "unreachable" else refusing_server
+    env = script_env(WANDB_API_KEY=KEY, WANDB_BASE_URL=url, HOME=str(no_credentials))
+    env.pop("WANDB_MODE")  # the tests' offline mode: this run decides for itself
+    result = subprocess.run([sys.executable, str(REPO / "train.py"), *QUICK, "--trainer.max_epochs=1",
+                             "--wandb.init_timeout=20", "--run_dir=run"], capture_output=True, text=True, timeout=300,
+                            env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "final metrics" in result.stdout
+    warnings = [line for line in result.stderr.splitlines() if "logging offline" in line]
+    assert len(warnings) == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert len(glob.glob("run/wandb/offline-run-*/run-*.wandb")) == 1
+    assert KEY not in result.stdout + result.stderr

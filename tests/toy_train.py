@@ -1,0 +1,56 @@
+"""Trains tests/toy.py's model and data with the template's resume machinery but without train.py, on one process
+or under DDP (Lightning re-runs this script for each rank), for the resume tests:
+
+    python tests/toy_train.py OUT_DIR [--devices 2] [--max_epochs 3] [--save_at_step 15] [--ckpt_path CKPT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
+
+import pytorch_lightning as pl  # noqa: E402
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint  # noqa: E402
+from toy import ToyClassifier, ToyData  # noqa: E402
+
+from support.resumable import ResumableTrainingData  # noqa: E402
+from support.training import ResumeRNGState  # noqa: E402
+
+
+class SaveAtStep(Callback):
+    """Saves a checkpoint between two batches, like RequeueAtBatchBoundary does when Slurm's signal comes."""
+
+    def __init__(self, step: int, path: str) -> None:
+        self.step, self.path = step, path
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: object,
+                             batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+
+
+def fit(out: str, devices: int = 1, max_epochs: int = 3, save_at_step: int | None = None,
+        ckpt_path: str | None = None, resumable: bool = True) -> pl.Trainer:
+    pl.seed_everything(0, workers=True, verbose=False)
+    callbacks: list[Callback] = [ResumeRNGState(), ModelCheckpoint(dirpath=out, save_last=True)]
+    callbacks += [ResumableTrainingData()] if resumable else []
+    callbacks += [SaveAtStep(save_at_step, f"{out}/mid.ckpt")] if save_at_step is not None else []
+    trainer = pl.Trainer(max_epochs=max_epochs, accelerator="cpu", devices=devices,
+                         strategy="ddp" if devices > 1 else "auto", callbacks=callbacks, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=out)
+    trainer.fit(ToyClassifier(), ToyData(), ckpt_path=ckpt_path)
+    return trainer
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--max_epochs", type=int, default=3)
+    parser.add_argument("--save_at_step", type=int)
+    parser.add_argument("--ckpt_path")
+    args = parser.parse_args()
+    fit(args.out, args.devices, args.max_epochs, args.save_at_step, args.ckpt_path)
