@@ -288,6 +288,7 @@ class MinibatchCKA(Metric):
 
     def _apply(self, fn: Callable[[Tensor], Tensor], exclude_state: Sequence[str] = "") -> MinibatchCKA:
         # Module.to(dtype) (e.g. Lightning's "bf16-true" precision) would cast the sums to bf16: keep state_dtype.
+        # Private: torchmetrics keeps the states' reset values in _defaults (tests/test_private_names.py watches it).
         this = super()._apply(fn, exclude_state)
         for key in this._defaults:
             this._defaults[key] = this._defaults[key].to(this.state_dtype)

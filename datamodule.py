@@ -157,15 +157,15 @@ class DataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
-        hp = self.hparams
-        data = torch.load(prepare_dataset(hp.dataset, self.spec, hp.data_dir, hp.mirror), weights_only=True)
-        generator = torch.Generator().manual_seed(hp.split_seed)
-        order = torch.randperm(len(data["y"]), generator=generator)
-        n_val = round(len(order) * hp.val_fraction)
+        options = self.hparams
+        path = prepare_dataset(options.dataset, self.spec, options.data_dir, options.mirror)
+        data = torch.load(path, weights_only=True)
+        order = torch.randperm(len(data["y"]), generator=torch.Generator().manual_seed(options.split_seed))
+        n_val = round(len(order) * options.val_fraction)
         if "x_test" in data:  # official test split: validation comes out of the training data
             parts = {"val": order[:n_val], "train": order[n_val:]}
         else:
-            n_test = round(len(order) * hp.test_fraction)
+            n_test = round(len(order) * options.test_fraction)
             parts = {"val": order[:n_val], "test": order[n_val:n_val + n_test], "train": order[n_val + n_test:]}
         # Normalise with statistics of the training split only.
         train_x = data["x"][parts["train"]].float() / self.spec.max_value
@@ -180,21 +180,20 @@ class DataModule(pl.LightningDataModule):
 
     # Plain loaders, as Lightning's docs write them: under train.py, support/resumable.py gives the training one a
     # seeded order that a resumed run continues where it stopped.
-    def train_dataloader(self) -> DataLoader:
+    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
         workers = self.hparams.num_workers
-        return DataLoader(self.splits["train"], batch_size=self.hparams.batch_size, shuffle=True,
+        return DataLoader(self.splits[split], batch_size=self.hparams.batch_size, shuffle=shuffle,
                           collate_fn=keep_batch, num_workers=workers, persistent_workers=workers > 0,
                           pin_memory=torch.cuda.is_available())
 
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
     def val_dataloader(self) -> DataLoader:
-        workers = self.hparams.num_workers
-        return DataLoader(self.splits["val"], batch_size=self.hparams.batch_size, collate_fn=keep_batch,
-                          num_workers=workers, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
+        return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        workers = self.hparams.num_workers
-        return DataLoader(self.splits["test"], batch_size=self.hparams.batch_size, collate_fn=keep_batch,
-                          num_workers=workers, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
+        return self._loader("test")
 
 
 class ImageTensors(Dataset):

@@ -41,15 +41,9 @@
 #SBATCH --open-mode=append           # a requeued task appends to its log instead of overwriting it
 #SBATCH --output=sweep-agent-%A_%a.out
 #
-# Presets: to use one, turn its ##SBATCH lines into #SBATCH lines and delete the defaults they replace.
-# Partition names and limits change: check the cluster's documentation (`sinfo -s` lists the partitions).
-# -- Lancaster HEC --
-##SBATCH --partition=gpu-short       # or gpu-medium / gpu-long: longer limits, longer queues
-##SBATCH --gres=gpu:1                # instead of --gpus-per-node
-# -- Bede (N8 CIR) --
-##SBATCH --account=<project>         # every Bede job names its project
-##SBATCH --partition=gpu             # 4 V100 per node (POWER9); gh: Grace-Hopper, 1 GPU per node
-##SBATCH --gres=gpu:1                # up to 4 per node; CPUs and memory come with the GPUs: delete --mem
+# Cluster presets (Lancaster HEC, Bede) are kept in one place, slurm_train.py's PRESETS. To see the #SBATCH lines
+# one of them gives, run `python slurm_train.py --preset bede --account <project> --dry-run` and copy its header
+# lines over the defaults above (check partition names against the cluster's documentation: `sinfo -s`).
 
 # The environment: jobs inherit the submitting shell's. Or activate one here (uncomment one; before `set -u`,
 # as conda's activation scripts read unset variables):

@@ -35,7 +35,8 @@ from support.atomic import write_atomic
 from support.runs import tasks_devices_mismatch, timestamped_name
 
 REPO_DIR = Path(__file__).resolve().parent
-# Partition names and limits change: check the cluster's documentation (`sinfo -s`). Same as sbatch_agent.sh.
+# Partition names and limits change: check the cluster's documentation (`sinfo -s`). The one copy: sbatch_agent.sh
+# points here (`--dry-run` prints the #SBATCH lines a preset gives).
 PRESETS: dict[str, dict[str, Any]] = {
     "hec": {"partition": "gpu-short", "gres": True},  # Lancaster HEC: or gpu-medium / gpu-long
     # Bede, as its documentation (N8-CIR-Bede/documentation, usage) shows: --account=<project> on every job,

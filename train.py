@@ -24,9 +24,8 @@ from __future__ import annotations
 
 import inspect
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from jsonargparse import ArgumentError
@@ -37,17 +36,16 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities.model_helpers import is_overridden
 
-from datamodule import DataModule
-from model import ImageClassifier
+import datamodule
+import model
 from support import runs, training
 from support.cka_monitor import CKAMonitor
 from support.downloads import DownloadError
 from support.resumable import ResumableTrainingData
-from support.wandb_access import choose_mode
 
 # ---- What you change ------------------------------------------------------------------------------------------
-MODEL_CLASS = ImageClassifier  # your LightningModule (from model.py)
-DATAMODULE_CLASS = DataModule  # your LightningDataModule (from datamodule.py)
+MODEL_CLASS = model.ImageClassifier  # your LightningModule
+DATAMODULE_CLASS = datamodule.DataModule  # your LightningDataModule
 # The metric that picks the best checkpoint (the one tested at the end), stops training early, and that sweeps
 # optimise unless SWEEP_CONFIG names another: a name your model logs with self.log, and "min" or "max".
 MONITOR, MONITOR_MODE = "val/loss", "min"
@@ -59,18 +57,6 @@ LINKED = ("num_classes", "in_channels")
 
 REPO_DIR = Path(__file__).resolve().parent
 RUN_DIR_ENV = "TRAIN_RUN_DIR"  # hands the run directory to DDP worker processes, which re-run this script
-
-
-@dataclass
-class WandbOptions:
-    """wandb settings (entity and project also follow WANDB_ENTITY / WANDB_PROJECT)."""
-
-    project: str = field(default_factory=lambda: os.environ.get("WANDB_PROJECT", REPO_DIR.name))  # the clone's name
-    entity: str | None = None
-    name: str | None = None
-    tags: list[str] = field(default_factory=list)
-    mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: WANDB_MODE, else online iff logged in
-    init_timeout: float = 60.0  # seconds to wait for the server before falling back to offline
 
 
 def linked_arguments() -> list[tuple[str, str]]:
@@ -94,7 +80,7 @@ class TrainCLI(LightningCLI):
                                  "SLURM). Reusing one continues it: pair with --ckpt_path last.")
         parser.add_argument("--ckpt_path", type=str | None, default=None,
                             help="Checkpoint to resume training from; 'last' means the run's last.ckpt.")
-        parser.add_class_arguments(WandbOptions, "wandb")
+        parser.add_class_arguments(training.WandbOptions, "wandb")
         if not is_overridden("configure_optimizers", parent=LightningModule, instance=MODEL_CLASS):
             # The optimizer lives in the CLI: --optimizer=SGD --optimizer.lr=0.1 --optimizer.momentum=0.9. A model
             # with its own configure_optimizers keeps it (and gets no --optimizer options).
@@ -104,8 +90,9 @@ class TrainCLI(LightningCLI):
             parser.link_arguments(f"data.{name}", f"model.{name}", apply_on=when)
         # Lightning's own callbacks, each configurable from the command line (--early_stopping.patience=10).
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        # The best checkpoint(s) by MONITOR; last.ckpt has a callback of its own (instantiate_trainer).
         parser.set_defaults({"checkpoint.monitor": MONITOR, "checkpoint.mode": MONITOR_MODE,
-                             "checkpoint.save_last": True, "checkpoint.filename": "best-epoch{epoch:03d}-step{step}",
+                             "checkpoint.filename": "best-epoch{epoch:03d}-step{step}",
                              "checkpoint.auto_insert_metric_name": False})
         parser.add_lightning_class_args(EarlyStopping, "early_stopping")
         # Checked after validation only, so a run stopped mid-epoch (--trainer.max_steps) has nothing to miss.
@@ -126,29 +113,18 @@ class TrainCLI(LightningCLI):
             init.checkpoint.dirpath = str(self.run_dir / "checkpoints")
         given = init.trainer.callbacks
         callbacks = [*(given if isinstance(given, list) else [given] if given else [])]
-        callbacks += [training.ResumeRNGState(), training.RequeueAtBatchBoundary(), ResumableTrainingData()]
+        callbacks += [training.ResumeRNGState(), training.RequeueAtBatchBoundary(), ResumableTrainingData(),
+                      training.latest_checkpoint(init.checkpoint.dirpath)]
         if init.trainer.enable_progress_bar is not False:  # a terminal gets Lightning's bar; log files get lines
             callbacks.append(TQDMProgressBar() if training.is_terminal() else training.LogLineProgress())
         if init.trainer.logger in (None, True):  # not set by the user: our default wandb logger
-            kwargs["logger"] = self.wandb_logger()
+            kwargs["logger"] = training.wandb_logger(self.config.wandb, self.run_dir)
         trainer = super().instantiate_trainer(callbacks=callbacks, default_root_dir=str(self.run_dir), **kwargs)
         tasks = int(os.environ.get("SLURM_NTASKS", 1))
         if SLURMEnvironment.detect() and (problem := runs.tasks_devices_mismatch(tasks, trainer.num_devices,
                                                                                       trainer.num_nodes)):
             raise ValueError(problem)
         return trainer
-
-    def wandb_logger(self) -> training.FallbackWandbLogger:
-        options = self.config.wandb
-        mode, problem = choose_mode(options.mode, options.init_timeout)
-        if problem:
-            training.warn(f"wandb: {problem}; logging offline into {self.run_dir}/wandb instead. Upload later with "
-                          f"`wandb sync {self.run_dir}/wandb/offline-run-*`.")
-        return training.FallbackWandbLogger(
-            project=options.project, entity=options.entity, name=options.name or self.run_dir.name,
-            tags=options.tags or None, save_dir=str(self.run_dir), id=runs.wandb_run_id(self.run_dir),
-            resume="allow", mode=mode, settings=training.wandb_settings(options.init_timeout))
-
 
 # What both the training CLI and the parse-only CLI are built from, so the two can never disagree.
 CLI_SETUP: dict[str, Any] = dict(
@@ -163,34 +139,17 @@ def build_cli(args: list[str] | dict[str, Any] | None = None) -> TrainCLI:
                     **CLI_SETUP)
 
 
-class _Parsed(Exception):  # noqa: N818 (not an error: how the parse-only CLI hands its config back)
-    def __init__(self, config: Any) -> None:
-        self.config = config
-
-
-class _ParseOnlyCLI(TrainCLI):
-    """Parses and validates like train.py, then stops: builds nothing and sets no seed."""
-
-    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        super().parse_arguments(parser, args)
-        raise _Parsed(self.config)
-
-
 def parse_config(args: list[str] | dict[str, Any]) -> Any:
     """The config (a jsonargparse Namespace) that train.py would run with these arguments, without building
     the model, data or trainer. Raises ArgumentError naming the key when an argument is unknown or invalid."""
-    try:
-        _ParseOnlyCLI(args=args, **CLI_SETUP)
-    except _Parsed as parsed:
-        return parsed.config
-    raise AssertionError("unreachable: parse_arguments always raises _Parsed")
+    return training.parse_only(TrainCLI, args, **CLI_SETUP)
 
 
 def fit_and_test(cli: TrainCLI) -> dict[str, Any]:
     """Train, then test the best checkpoint (by MONITOR, or --checkpoint.monitor); returns the final metrics."""
     trainer, config = cli.trainer, cli.config
     trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=config.ckpt_path)
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    best = cli.config_init.checkpoint.best_model_path  # the callback that monitors MONITOR
     results: dict[str, Any] = {}
     if is_overridden("test_step", cli.model) and is_overridden("test_dataloader", cli.datamodule):
         tested = trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=best or None, verbose=False)

@@ -13,19 +13,22 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from pytorch_lightning import LightningModule, Trainer
-from pytorch_lightning.callbacks import Callback, ProgressBar
-from pytorch_lightning.cli import SaveConfigCallback
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint, ProgressBar
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.utilities import rank_zero_only
 
 from support.atomic import write_atomic
+from support.runs import wandb_run_id
+from support.wandb_access import choose_mode
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 
@@ -64,6 +67,31 @@ class FallbackWandbLogger(WandbLogger):
             self._wandb_init["mode"] = "offline"
             self._experiment = None
             return super().experiment
+
+
+@dataclass
+class WandbOptions:
+    """wandb settings (entity and project also follow WANDB_ENTITY / WANDB_PROJECT)."""
+
+    project: str = field(default_factory=lambda: os.environ.get("WANDB_PROJECT", REPO_DIR.name))  # the clone's name
+    entity: str | None = None
+    name: str | None = None
+    tags: list[str] = field(default_factory=list)
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: WANDB_MODE, else online iff logged in
+    init_timeout: float = 60.0  # seconds to wait for the server before falling back to offline
+
+
+def wandb_logger(options: WandbOptions, run_dir: Path) -> FallbackWandbLogger:
+    """The run's wandb logger: online when there are credentials and the server answers, else offline (one warning
+    saying why); the run id kept in the run directory, so a resumed run continues the same wandb run."""
+    mode, problem = choose_mode(options.mode, options.init_timeout)
+    if problem:
+        warn(f"wandb: {problem}; logging offline into {run_dir}/wandb instead. Upload later with "
+             f"`wandb sync {run_dir}/wandb/offline-run-*`.")
+    return FallbackWandbLogger(
+        project=options.project, entity=options.entity, name=options.name or run_dir.name, tags=options.tags or None,
+        save_dir=str(run_dir), id=wandb_run_id(run_dir), resume="allow", mode=mode,
+        settings=wandb_settings(options.init_timeout))
 
 
 def wandb_settings(init_timeout: float) -> Any:
@@ -178,6 +206,15 @@ class RequeueAtBatchBoundary(Callback):
         self.lightning_handler(signum, frame)
 
 
+def latest_checkpoint(dirpath: str) -> ModelCheckpoint:
+    """A callback that rewrites DIRPATH/last.ckpt at every validation (or epoch end without one), whatever the
+    monitored metric did. Lightning 2.6's `save_last` rewrites last.ckpt only when it also saved a top-k checkpoint,
+    so with a metric that stops improving last.ckpt lagged behind the run (measured: a run stopped at step 60 resumed
+    from step 22) and a resumed run repeated work."""
+    return ModelCheckpoint(dirpath=dirpath, filename=ModelCheckpoint.CHECKPOINT_NAME_LAST, monitor=None, save_top_k=1,
+                           enable_version_counter=False)
+
+
 def git_commit() -> str:
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_DIR, capture_output=True, text=True,
@@ -201,6 +238,27 @@ class SaveConfigAndLog(SaveConfigCallback):
         if trainer.logger is not None:
             extra = {"git_commit": git_commit(), "run_dir": trainer.default_root_dir}
             trainer.logger.log_hyperparams({**self.config.as_dict(), **extra})
+
+
+class _Parsed(Exception):  # noqa: N818 (not an error: how the parse-only CLI hands its config back)
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+
+def parse_only(cli_class: type[LightningCLI], args: Any, **setup: Any) -> Any:
+    """The config that `cli_class(args=args, **setup)` would run with, after all of its checks, without building
+    anything or setting the seed: LightningCLI's public parse_arguments hook hands it back before instantiation."""
+
+    class ParseOnly(cli_class):  # type: ignore[valid-type, misc]
+        def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+            super().parse_arguments(parser, args)
+            raise _Parsed(self.config)
+
+    try:
+        ParseOnly(args=args, **setup)
+    except _Parsed as parsed:
+        return parsed.config
+    raise AssertionError("unreachable: parse_arguments always raises _Parsed")
 
 
 def one_line(err: BaseException) -> str:

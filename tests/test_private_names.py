@@ -59,3 +59,15 @@ def test_lightning_rebuilds_a_dataloader_subclass_with_another_sampler():
     rebuilt = _update_dataloader(loader, sampler, mode=RunningStage.TRAINING)
     assert type(rebuilt) is MyLoader and rebuilt.sampler is sampler and rebuilt.extra == 3, \
         "pytorch_lightning.utilities.data._update_dataloader no longer rebuilds loaders with a new sampler"
+
+
+def test_torchmetrics_keeps_reset_values_where_minibatch_cka_keeps_them_float64():
+    """cka.py MinibatchCKA._apply: a model cast to bf16 must not cast the CKA sums, nor their reset values."""
+    import torch
+
+    from cka import MinibatchCKA
+
+    metric = MinibatchCKA(2).to(torch.bfloat16)
+    assert set(metric._defaults) == {"hsic_xy", "hsic_xx", "hsic_yy"}, "torchmetrics renamed Metric._defaults"
+    metric.reset()
+    assert metric.hsic_xy.dtype == torch.float64, "MinibatchCKA's sums no longer stay float64 under .to(bf16)"

@@ -237,3 +237,16 @@ def test_a_run_resumed_from_a_mid_epoch_checkpoint_ends_like_an_uninterrupted_on
     assert resumed["global_step"] == full["global_step"] == 60
     for key, value in full["state_dict"].items():
         assert torch.equal(value, resumed["state_dict"][key]), key
+
+
+@pytest.mark.example_model
+@pytest.mark.example_data
+def test_last_checkpoint_is_the_latest_epoch_when_the_monitored_metric_stops_improving():
+    """Lightning's save_last rewrites last.ckpt only beside a new best; here the best is epoch 0 and stays so."""
+    results = train.main(QUICK + ["--trainer.max_epochs=3", "--checkpoint.monitor=val/acc", "--checkpoint.mode=min",
+                                  "--early_stopping.patience=100", "--cka.every_n_epochs=0"])
+    assert Path(results["best_checkpoint"]).name == "best-epoch000-step20.ckpt"
+    last = torch.load(Path(results["run_dir"]) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == 3 * 20 and last["epoch"] == 2
+    assert sorted(p.name for p in (Path(results["run_dir"]) / "checkpoints").iterdir()) == [
+        "best-epoch000-step20.ckpt", "last.ckpt"]
