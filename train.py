@@ -126,6 +126,7 @@ class TrainCLI(LightningCLI):
             raise ValueError(problem)
         return trainer
 
+
 # What both the training CLI and the parse-only CLI are built from, so the two can never disagree.
 CLI_SETUP: dict[str, Any] = dict(
     model_class=MODEL_CLASS, datamodule_class=DATAMODULE_CLASS, run=False, seed_everything_default=42,

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import hashlib
+import inspect
 import statistics
 import sys
 import tempfile
@@ -38,8 +39,10 @@ from torchvision.transforms import ToTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import datamodule  # noqa: E402
+import train  # noqa: E402
 from support.downloads import prepare_dataset, remote_files  # noqa: E402
+
+datamodule = inspect.getmodule(train.DATAMODULE_CLASS)  # datamodule.py, found through train.py's one place
 
 BATCH = 128
 

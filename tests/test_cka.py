@@ -27,12 +27,7 @@ import cka  # noqa: E402
 make_batches = runpy.run_path(str(ROOT / "tests" / "cka_ddp_worker.py"))["make_batches"]  # shared with the worker
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # two torch threads on this 2-core box stall on small ops
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ------------------------------------------------------------------ float64 references, straight from the papers

@@ -31,13 +31,7 @@ from support.cka_monitor import (
     plot_cka_heatmap,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # two torch threads on this 2-core box stall on small ops
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ------------------------------------------------------------------ LayerRecorder, layer choice, heatmap

@@ -2,11 +2,13 @@
 their real formats, served from 127.0.0.1), seeded splits, fast batched loading, and its command line.
 
 Every test here is marked example_data: they are skipped once a researcher replaces the example DataModule. The
-DataModule is reached through train.DATAMODULE_CLASS, the declarations through `import datamodule`."""
+DataModule and its module (DATASETS, main) are reached through train.DATAMODULE_CLASS, the one place that names
+them."""
 
 from __future__ import annotations
 
 import errno
+import inspect
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,12 +17,12 @@ import torch
 from conftest import QUICK, run_script
 from http_fixtures import FileServer, cifar10_files, mnist_files, refused_url, sha256s
 
-import datamodule
 import support.downloads as downloads
 import train
 from support.downloads import COMPLETE_MARKER, prepare_dataset, remote_files
 
 pytestmark = pytest.mark.example_data
+datamodule = inspect.getmodule(train.DATAMODULE_CLASS)  # datamodule.py, found through train.py's one place
 
 
 @pytest.fixture(autouse=True)
