@@ -29,7 +29,7 @@ $(VENV)/.complete: $(REQUIREMENTS)
 	    echo "error: $(VENV) exists but is not a complete environment: remove it, or touch $(VENV)/.complete to use it as it is" >&2; exit 1; fi; \
 	  $(PYTHON) -c "import sys; sys.exit(sys.version_info < (3, 10))" || \
 	    { echo "error: $(PYTHON) is older than 3.10; run: make PYTHON=python3.11 ..." >&2; exit 1; }; \
-	  echo "Creating the environment in $(VENV) (first time only, about 2 minutes)"; \
+	  echo "Creating the environment in $(VENV) (first time only, about 3 minutes)"; \
 	  rm -rf $(VENV); $(PYTHON) -m venv $(VENV); touch $(VENV)/.installing; \
 	  $(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-dev.txt; \
 	  rm $(VENV)/.installing; touch $(VENV)/.complete'
