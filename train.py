@@ -113,7 +113,8 @@ class TrainCLI(LightningCLI):
             init.checkpoint.dirpath = str(self.run_dir / "checkpoints")
         given = init.trainer.callbacks
         callbacks = [*(given if isinstance(given, list) else [given] if given else [])]
-        callbacks += [training.ResumeRNGState(), training.RequeueAtBatchBoundary(), ResumableTrainingData(),
+        callbacks += [training.ResumeRNGState(), training.SignalsAtBatchBoundary(init.checkpoint.dirpath),
+                      ResumableTrainingData(),
                       training.latest_checkpoint(init.checkpoint.dirpath)]
         if init.trainer.enable_progress_bar is not False:  # a terminal gets Lightning's bar; log files get lines
             callbacks.append(TQDMProgressBar() if training.is_terminal() else training.LogLineProgress())
@@ -176,7 +177,8 @@ def main(args: list[str] | dict[str, Any] | None = None) -> dict[str, Any]:
                              ) from None
         os.environ[RUN_DIR_ENV] = str(cli.run_dir)  # DDP workers started by Lightning inherit it
         try:
-            results = fit_and_test(cli)
+            with training.stopped_by_signal():  # SIGTERM: last.ckpt saved, exit status 143
+                results = fit_and_test(cli)
         except DownloadError as err:  # prepare_data runs inside fit: the data could not be fetched
             raise SystemExit(f"error: {err}") from None
         if wandb.run is not None:

@@ -13,6 +13,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +27,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveCon
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from support.atomic import write_atomic
 from support.runs import wandb_run_id
@@ -170,40 +173,75 @@ class ResumeRNGState(Callback):
         self.pending = None
 
 
-class RequeueAtBatchBoundary(Callback):
-    """SLURM's requeue signal (SIGUSR1), handled between two training batches. Lightning's handler saves the
-    hpc checkpoint and requeues the job at once, possibly halfway through an optimizer step; run at a batch
-    boundary instead, it saves weights, loop position, data position and RNG states that agree, so the
-    requeued run continues exactly. In a wandb sweep the run is also marked as preempting, so the sweep hands
-    it to an agent again instead of counting it as crashed. Lightning restores the original handler on teardown."""
+class SignalsAtBatchBoundary(Callback):
+    """Slurm's requeue signal (SIGUSR1) and SIGTERM (scancel, a user's kill, a node going down), acted on between
+    two training batches, where weights, loop position, data position and RNG states agree, so the run continues
+    exactly from the checkpoint it saves:
 
-    def __init__(self) -> None:
-        self.pending: tuple[Any, Any] | None = None
-        self.lightning_handler: Any = None
+    - SIGUSR1 (only under Slurm with auto-requeue, where Lightning installed its handler): Lightning's handler saves
+      the hpc checkpoint and requeues the job; run at once, it could save halfway through an optimizer step. In a
+      wandb sweep the run is also marked as preempting, so the sweep hands it to an agent again.
+    - SIGTERM: last.ckpt is saved in `checkpoint_dir` (written under another name, then renamed) and the run stops
+      with exit status 143 (128 + 15; see `stopped_by_signal`). Lightning alone stops with status 0, so a grid row
+      or a script that checks the status took a stopped run for a finished one.
+
+    Under DDP all ranks act at the same batch, as saving is collective: they agree with one all-reduce and a host
+    sync (~0.2 ms on CPU) every 10th batch, so a signal waits at most 9 batches. Lightning restores the original
+    handlers on teardown."""
+
+    def __init__(self, checkpoint_dir: str | None = None) -> None:
+        self.checkpoint_dir = checkpoint_dir
+        self.pending: dict[int, Any] = {}  # signal number -> frame, until acted on
+        self.handlers: dict[int, Any] = {}  # the handlers replaced while training
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.lightning_handler = signal.getsignal(signal.SIGUSR1) if hasattr(signal, "SIGUSR1") else None
-        if callable(self.lightning_handler):
-            signal.signal(signal.SIGUSR1, lambda signum, frame: setattr(self, "pending", (signum, frame)))
+        self.handlers, self.pending = {}, {}
+        if hasattr(signal, "SIGUSR1") and callable(requeue := signal.getsignal(signal.SIGUSR1)):
+            self.handlers[signal.SIGUSR1] = requeue  # installed by Lightning under Slurm auto-requeue
+        if self.checkpoint_dir is not None:
+            self.handlers[signal.SIGTERM] = signal.getsignal(signal.SIGTERM)
+        for signum in self.handlers:
+            signal.signal(signum, lambda got, frame: self.pending.setdefault(got, frame))
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        if not callable(self.lightning_handler):
-            return  # not under Slurm with auto-requeue: Lightning installed no handler
-        pending = self.pending is not None
-        if trainer.world_size > 1:  # DDP: all ranks act at the same batch, as saving is collective. Agreeing costs an
-            if batch_idx % 10:  # all-reduce and a host sync (~0.2 ms on CPU), so only every 10th batch
-                return
-            pending = trainer.strategy.reduce_boolean_decision(pending, all=False)
-        if not pending:
+        if not self.handlers:
             return
-        signum, frame = self.pending or (signal.SIGUSR1, None)
-        self.pending = None
-        if os.environ.get("WANDB_SWEEP_ID") and trainer.is_global_zero:
-            import wandb
+        if trainer.world_size > 1:
+            if batch_idx % 10:
+                return
+            got = [s for s in self.handlers if trainer.strategy.reduce_boolean_decision(s in self.pending, all=False)]
+        else:
+            got = [s for s in self.handlers if s in self.pending]
+        if signal.SIGTERM in got:
+            self.pending.clear()
+            self._save_last(trainer)
+            raise SIGTERMException()
+        if hasattr(signal, "SIGUSR1") and signal.SIGUSR1 in got:
+            frame = self.pending.pop(signal.SIGUSR1, None)
+            if os.environ.get("WANDB_SWEEP_ID") and trainer.is_global_zero:
+                import wandb
 
-            if wandb.run is not None:
-                wandb.run.mark_preempting()
-        self.lightning_handler(signum, frame)
+                if wandb.run is not None:
+                    wandb.run.mark_preempting()
+            self.handlers[signal.SIGUSR1](signal.SIGUSR1, frame)
+
+    def _save_last(self, trainer: Trainer) -> None:
+        path = Path(self.checkpoint_dir) / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
+        tmp = path.with_name(f".{path.name}.sigterm.tmp")
+        trainer.save_checkpoint(tmp)  # collective under DDP; rank 0 writes
+        if trainer.is_global_zero:
+            os.replace(tmp, path)  # a kill during the save leaves the previous last.ckpt whole
+        warn(f"stopped by SIGTERM at epoch {trainer.current_epoch}, step {trainer.global_step}; saved {path}: "
+             "resume with --ckpt_path last")
+
+
+@contextmanager
+def stopped_by_signal() -> Iterator[None]:
+    """Turns Lightning's SIGTERMException (a SystemExit without a code: exit status 0) into exit status 143."""
+    try:
+        yield
+    except SIGTERMException:
+        raise SystemExit(128 + signal.SIGTERM) from None
 
 
 def latest_checkpoint(dirpath: str) -> ModelCheckpoint:

@@ -126,7 +126,7 @@ import sys
 import train
 from pytorch_lightning import Callback
 
-class SaveAtStep(Callback):  # at a batch boundary, like RequeueAtBatchBoundary when Slurm's signal comes
+class SaveAtStep(Callback):  # at a batch boundary, like SignalsAtBatchBoundary when a signal comes
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == 25:
             trainer.save_checkpoint("mid.ckpt")

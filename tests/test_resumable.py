@@ -3,6 +3,7 @@ the tests' own model and data (tests/toy.py: a plain `DataLoader(TensorDataset(.
 
 from __future__ import annotations
 
+import time
 import warnings
 from pathlib import Path
 
@@ -111,3 +112,27 @@ def test_the_support_package_names_nothing_of_the_example():
         for name in ("ImageClassifier", "import model", "from model", "import datamodule", "from datamodule",
                      "digits", "mnist", "cifar"):
             assert name not in text.lower() if name.islower() else name not in text, (path.name, name)
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+def test_sigterm_saves_a_resumable_checkpoint_and_exits_143(devices: int):
+    """kill PID (or scancel) mid-epoch: the run stops at a batch boundary with status 143, never 0, leaving a last.ckpt
+    from which the run resumes to exactly the weights of an uninterrupted run. Under DDP only rank 0 gets the signal
+    (as from `kill`): every rank stops at the same batch and exits."""
+    steps = 11 if devices == 1 else 6  # batches an epoch: 168 samples of 16, or 84 per rank
+    epochs = "--max_epochs=4"  # DDP acts at every 10th batch of an epoch: here at the start of epoch 3
+    full = run_script("tests/toy_train.py", "full", f"--devices={devices}", epochs, timeout=240)
+    assert full.returncode == 0, full.stderr[-3000:]
+    started = time.monotonic()
+    stopped = run_script("tests/toy_train.py", "stopped", f"--devices={devices}", epochs, "--sigterm_at_step=15",
+                         timeout=240)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert time.monotonic() - started < 120 and "stopped by SIGTERM" in stopped.stderr
+    last = torch.load("stopped/last.ckpt", map_location="cpu", weights_only=False)
+    # Acted on at the next batch (one process) or the next agreed batch (every 10th of an epoch, DDP).
+    assert last["global_step"] == (15 if devices == 1 else 3 * steps), last["global_step"]
+    assert not list(Path("stopped").glob(".*.tmp"))
+    resumed = run_script("tests/toy_train.py", "stopped", f"--devices={devices}", epochs,
+                         "--ckpt_path=stopped/last.ckpt", timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_weights("full/last.ckpt", "stopped/last.ckpt")

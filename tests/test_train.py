@@ -20,7 +20,7 @@ from conftest import QUICK, REPO, run_script, script_env
 from wandb_records import wait_for_logged
 
 import train
-from support.training import RequeueAtBatchBoundary
+from support.training import SignalsAtBatchBoundary
 
 
 def wandb_file(run_dir: str | Path) -> str:
@@ -194,7 +194,7 @@ def test_the_requeue_signal_is_handled_at_a_batch_boundary_and_marks_sweep_runs(
     original = signal.signal(signal.SIGUSR1, lambda signum, frame: calls.append("lightning requeue"))
     trainer = SimpleNamespace(is_global_zero=True, world_size=1)
     try:
-        callback = RequeueAtBatchBoundary()
+        callback = SignalsAtBatchBoundary()
         callback.on_train_start(trainer, None)
         signal.raise_signal(signal.SIGUSR1)
         assert calls == []  # nothing happens in the middle of a step
@@ -219,7 +219,7 @@ def test_a_run_resumed_from_a_mid_epoch_checkpoint_ends_like_an_uninterrupted_on
     checkpoint taken between two batches of epoch 1, then a new run resumed from it."""
     from pytorch_lightning import Callback
 
-    class SaveAtStep30(Callback):  # at a batch boundary, like RequeueAtBatchBoundary
+    class SaveAtStep30(Callback):  # at a batch boundary, like SignalsAtBatchBoundary
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if trainer.global_step == 30:
                 trainer.save_checkpoint("mid.ckpt")
@@ -250,3 +250,23 @@ def test_last_checkpoint_is_the_latest_epoch_when_the_monitored_metric_stops_imp
     assert last["global_step"] == 3 * 20 and last["epoch"] == 2
     assert sorted(p.name for p in (Path(results["run_dir"]) / "checkpoints").iterdir()) == [
         "best-epoch000-step20.ckpt", "last.ckpt"]
+
+
+@pytest.mark.example_model
+@pytest.mark.example_data
+def test_sigterm_stops_the_run_with_status_143_and_a_checkpoint_to_resume_from():
+    """Lightning alone ends a run stopped by SIGTERM with status 0, so a grid row was marked done at epoch 5 of 40."""
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *QUICK, "--trainer.max_epochs=500",
+                             "--run_dir=run", "--cka.every_n_epochs=0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=script_env())
+    deadline = time.monotonic() + 180
+    while not Path("run/checkpoints/last.ckpt").exists():  # training has started: stop it mid-run
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.terminate()
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr[-3000:]
+    assert "stopped by SIGTERM" in stderr and "Traceback" not in stderr
+    last = torch.load("run/checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] > 20  # saved at the batch where it stopped, after the first epoch's

@@ -2,11 +2,14 @@
 or under DDP (Lightning re-runs this script for each rank), for the resume tests:
 
     python tests/toy_train.py OUT_DIR [--devices 2] [--max_epochs 3] [--save_at_step 15] [--ckpt_path CKPT]
+    python tests/toy_train.py OUT_DIR --sigterm_at_step 15     # rank 0 sends itself SIGTERM after that step
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -17,7 +20,7 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint  # noqa: E402
 from toy import ToyClassifier, ToyData  # noqa: E402
 
 from support.resumable import ResumableTrainingData  # noqa: E402
-from support.training import ResumeRNGState  # noqa: E402
+from support.training import ResumeRNGState, SignalsAtBatchBoundary, stopped_by_signal  # noqa: E402
 
 
 class SaveAtStep(Callback):
@@ -32,12 +35,26 @@ class SaveAtStep(Callback):
             trainer.save_checkpoint(self.path)
 
 
+class SigtermAtStep(Callback):
+    """Rank 0 sends itself SIGTERM after a step, as `kill PID` (or scancel) would; other ranks get no signal."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: object, batch: object,
+                           batch_idx: int) -> None:
+        if trainer.global_step == self.step and trainer.global_rank == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 def fit(out: str, devices: int = 1, max_epochs: int = 3, save_at_step: int | None = None,
-        ckpt_path: str | None = None, resumable: bool = True) -> pl.Trainer:
+        ckpt_path: str | None = None, resumable: bool = True, sigterm_at_step: int | None = None) -> pl.Trainer:
     pl.seed_everything(0, workers=True, verbose=False)
-    callbacks: list[Callback] = [ResumeRNGState(), ModelCheckpoint(dirpath=out, save_last=True)]
+    callbacks: list[Callback] = [ResumeRNGState(), ModelCheckpoint(dirpath=out, save_last=True),
+                                 SignalsAtBatchBoundary(out)]
     callbacks += [ResumableTrainingData()] if resumable else []
     callbacks += [SaveAtStep(save_at_step, f"{out}/mid.ckpt")] if save_at_step is not None else []
+    callbacks += [SigtermAtStep(sigterm_at_step)] if sigterm_at_step is not None else []
     trainer = pl.Trainer(max_epochs=max_epochs, accelerator="cpu", devices=devices,
                          strategy="ddp" if devices > 1 else "auto", callbacks=callbacks, logger=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=out)
@@ -52,5 +69,8 @@ if __name__ == "__main__":
     parser.add_argument("--max_epochs", type=int, default=3)
     parser.add_argument("--save_at_step", type=int)
     parser.add_argument("--ckpt_path")
+    parser.add_argument("--sigterm_at_step", type=int)
     args = parser.parse_args()
-    fit(args.out, args.devices, args.max_epochs, args.save_at_step, args.ckpt_path)
+    with stopped_by_signal():
+        fit(args.out, args.devices, args.max_epochs, args.save_at_step, args.ckpt_path,
+            sigterm_at_step=args.sigterm_at_step)
