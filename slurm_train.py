@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -44,6 +45,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "bede": {"partition": "gpu", "gres": True, "mem": None, "needs_account": True},
 }
 DEFAULTS: dict[str, Any] = {"nodes": 1, "gpus_per_node": 1, "cpus_per_task": 4, "mem": "16G", "time": "08:00:00"}
+SLURM_TIME = re.compile(r"\d+(:\d{1,2}){0,2}|\d+-\d{1,2}(:\d{1,2}){0,2}")  # sbatch --time's formats
 RESOURCES = ["partition", "account", "nodes", "ntasks_per_node", "gpus_per_node", "cpus_per_task", "mem", "time"]
 
 
@@ -54,12 +56,18 @@ class LaunchError(ValueError):
 def load_sweep_config(path: str | None) -> dict[str, Any]:
     if path is None:
         return sweep.SWEEP_CONFIG
-    text = Path(path).read_text()
-    if path.endswith((".yaml", ".yml")):
-        import yaml
+    import yaml  # JSON is YAML too, so one parser reads both
 
-        return yaml.safe_load(text)
-    return json.loads(text)
+    try:
+        config = yaml.safe_load(Path(path).read_text())
+    except OSError as err:
+        raise LaunchError(f"--sweep-config {path}: {err.strerror}; give a JSON or YAML file") from None
+    except yaml.YAMLError as err:
+        reason = " ".join(str(err).split())[:160]
+        raise LaunchError(f"--sweep-config {path} is neither JSON nor YAML ({reason})") from None
+    if not isinstance(config, dict):
+        raise LaunchError(f"--sweep-config {path} holds a {type(config).__name__}, not a mapping like SWEEP_CONFIG")
+    return config
 
 
 def enumerate_rows(config: dict[str, Any], sample: int | None, seed: int) -> list[dict[str, Any]]:
@@ -301,8 +309,15 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--cpus-per-task", type=int, help=f"default {DEFAULTS['cpus_per_task']}")
     p.add_argument("--mem", help=f"memory per node (default {DEFAULTS['mem']})")
     args = p.parse_args(own)
-    if args.max_concurrent < 1:
-        p.error("--max-concurrent must be at least 1")
+    for option in ("max_concurrent", "sample", "nodes", "gpus_per_node", "ntasks_per_node", "cpus_per_task"):
+        lowest = 0 if option == "gpus_per_node" else 1
+        if getattr(args, option) is not None and getattr(args, option) < lowest:
+            p.error(f"--{option.replace('_', '-')} must be at least {lowest}, got {getattr(args, option)}")
+    if args.time is not None and not SLURM_TIME.fullmatch(args.time):
+        p.error(f"--time {args.time!r} is not a Slurm time: use MM, HH:MM:SS, D-HH or D-HH:MM:SS (e.g. 08:00:00)")
+    runs_dir = Path(args.runs_dir)
+    if runs_dir.exists() and not runs_dir.is_dir():
+        p.error(f"--runs-dir {args.runs_dir} is a file; give a directory (it is created if missing)")
     if args.resume:
         given = [f"--{k.replace('_', '-')}" for k in [*RESOURCES, "sample", "sweep_config", "preset"]
                  if getattr(args, k) is not None]
@@ -315,6 +330,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     args, extra = parse_args(sys.argv[1:] if argv is None else argv)
     k = args.max_concurrent
+    created: Path | None = None  # a grid directory made by this call: removed again if submitting fails
     try:
         if args.resume:
             grid_dir = Path(args.resume).resolve()
@@ -351,18 +367,30 @@ def main(argv: list[str] | None = None) -> int:
             if not args.local and shutil.which("sbatch") is None:
                 raise LaunchError("sbatch not found: no Slurm here; run the rows on this machine with --local")
             grid_dir.mkdir(parents=True)
+            created = grid_dir
             table = [{"row": i, "config": row, "argv": a} for i, (row, a) in enumerate(zip(rows, argvs, strict=True))]
             grid = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "sweep": config.get("name"),
                     "sample": args.sample, "seed": args.seed, "extra": extra, "rows": table}
             write_atomic(grid_dir / "grid.json", json.dumps(grid, indent=1) + "\n")
             write_atomic(grid_dir / "job.sbatch", script)
         if args.local:
-            print(f"run directory: {grid_dir}\nrunning {len(indices)} row(s) here, at most {k} at a time")
-            return run_local(grid_dir, indices, k)
+            from filelock import FileLock, Timeout
+
+            lock = FileLock(str(grid_dir / ".local.lock"))  # released by the OS if this process dies
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                raise LaunchError(f"the rows of {grid_dir} are already running on this machine (another "
+                                  "slurm_train.py --local): wait for it to end, else rows would run twice") from None
+            with lock:
+                print(f"run directory: {grid_dir}\nrunning {len(indices)} row(s) here, at most {k} at a time")
+                return run_local(grid_dir, indices, k)
         if shutil.which("sbatch") is None:
             raise LaunchError("sbatch not found: no Slurm here; run the rows on this machine with --local")
         job = submit(grid_dir, indices, k)
     except LaunchError as err:
+        if created is not None and not args.local:
+            shutil.rmtree(created, ignore_errors=True)  # nothing was submitted: leave no grid that looks queued
         print(f"error: {err}", file=sys.stderr)
         return 1
     log = grid_dir / f"row-{indices[0]}.out"

@@ -335,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="exit 1 with one line if a wandb agent cannot work here (used by the agent scripts)")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the wandb server")
     args = parser.parse_args(argv)
+    if args.samples is not None and args.samples < 1:
+        parser.error(f"--samples must be at least 1, got {args.samples} (leave it out for the whole grid)")
 
     if args.check_agent:
         if problem := agent_problem(args.timeout):
@@ -344,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = validate(SWEEP_CONFIG)
         if args.list:
-            runs = random_configs(args.samples, args.seed) if args.samples else grid_configs()
+            runs = random_configs(args.samples, args.seed) if args.samples is not None else grid_configs()
             print("\n".join(shlex.join(["python", "train.py", *to_argv(run)]) for run in runs))
             return 0
     except SweepConfigError as err:

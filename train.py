@@ -142,8 +142,9 @@ def build_cli(args: list[str] | dict[str, Any] | None = None) -> TrainCLI:
 
 
 def parse_config(args: list[str] | dict[str, Any]) -> Any:
-    """The config (a jsonargparse Namespace) that train.py would run with these arguments, without building
-    the model, data or trainer. Raises ArgumentError naming the key when an argument is unknown or invalid."""
+    """The config (a jsonargparse Namespace) that train.py would run with these arguments, checked by the model's
+    and DataModule's constructors (on the meta device: no data, no memory), without training. Raises ArgumentError
+    naming the key when an argument is unknown or invalid, or what a constructor raises."""
     return training.parse_only(TrainCLI, args, **CLI_SETUP)
 
 

@@ -17,6 +17,9 @@ from slurm_fixtures import SlurmCluster, slurm, slurm_cluster  # noqa: F401  (fi
 
 import slurm_train
 
+# These tests run the example model and data (their keys, their speed): skipped once you replace them.
+pytestmark = [pytest.mark.example_model, pytest.mark.example_data]
+
 # A row trains one epoch on the embedded digits in a few seconds.
 EXTRA = ["--", "--trainer.max_epochs=1", "--trainer.enable_model_summary=false",
          "--trainer.enable_progress_bar=false", "--data.batch_size=256"]
@@ -164,8 +167,10 @@ def test_dry_run_prints_the_script_and_runs_and_submits_nothing(tmp_path: Path, 
 
 
 def test_local_runs_rows_concurrently_and_fails_when_a_row_fails(tmp_path: Path, capsys: pytest.CaptureFixture):
-    # batch_size 0 parses, so the grid is accepted, but the DataModule refuses it: row 1 crashes.
-    params = {"data.batch_size": {"values": [256, 0, 128]}}
+    # Every row passes the checks, but row 1's data directory lies under a file: it crashes when it prepares its data.
+    (tmp_path / "blocker").write_text("a file, not a directory")
+    data_dirs = [str(tmp_path / "data"), str(tmp_path / "blocker" / "data"), str(tmp_path / "data")]
+    params = {"data.data_dir": {"values": data_dirs}}
     argv = ["--sweep-config", sweep_file(tmp_path, params), "--local", "--max-concurrent", "2", *EXTRA[:-1]]
     assert slurm_train.main(argv) == 1
     captured = capsys.readouterr()
@@ -173,7 +178,7 @@ def test_local_runs_rows_concurrently_and_fails_when_a_row_fails(tmp_path: Path,
     assert "1 row(s) failed: 1" in captured.err
     done = [json.loads((grid / f"row-{i}" / "done").read_text()) for i in (0, 2)]
     assert not (grid / "row-1" / "done").exists()  # a crashed row is not finished
-    assert "batch_size must be at least 1" in (grid / "row-1.out").read_text()
+    assert "cannot create data directory" in (grid / "row-1.out").read_text()
     assert all((grid / f"row-{i}" / "checkpoints" / "last.ckpt").exists() for i in (0, 2))
     with open(grid / "row-0.out") as log0, open(grid / "row-2.out") as log2:
         assert "final metrics" in log0.read() and "final metrics" in log2.read()

@@ -8,8 +8,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import QUICK, REPO, run_script, script_env
+
+# These tests run the example model and data (their keys, their speed): skipped once you replace them.
+pytestmark = [pytest.mark.example_model, pytest.mark.example_data]
 
 # 4-sample batches (315 steps per epoch) validated every quarter epoch: last.ckpt first appears after batch 79
 # of epoch 0, and a signal sent then lands mid-epoch with ~235 batches to spare.

@@ -54,7 +54,7 @@ def test_shipped_config_validates_offline(monkeypatch: pytest.MonkeyPatch, capsy
 
     monkeypatch.setattr(socket.socket, "connect", no_network)
     config = sweep.validate()
-    assert config["metric"] == {"name": "val/loss", "goal": "minimize"}
+    assert config["metric"]["name"] == train.MONITOR  # SWEEP_CONFIG names no metric: train.py's MONITOR
     assert config["method"] in ("grid", "random", "bayes") and config["early_terminate"]["type"] == "hyperband"
     assert config["program"] == "train.py" and "${args}" in config["command"]
     assert all("." in name for name in config["parameters"])  # full dotted train.py keys
@@ -77,7 +77,7 @@ def test_create_hands_the_config_to_wandb_and_prints_the_agent_commands(monkeypa
     assert sweep.main(["--entity", "me", "--project", "proj"]) == 0
     # SWEEP_CONFIG as written, with its metric from train.py's MONITOR when it names none
     assert created == [{"sweep": sweep.with_default_metric(sweep.SWEEP_CONFIG), "entity": "me", "project": "proj"}]
-    assert created[0]["sweep"]["metric"] == {"name": train.MONITOR, "goal": "minimize"}
+    assert created[0]["sweep"]["metric"]["name"] == train.MONITOR
     out = capsys.readouterr().out
     assert "./run_sweep.sh me/proj/abc123" in out and "sbatch_agent.sh me/proj/abc123" in out
 
@@ -92,12 +92,16 @@ BROKEN = {
     "None that becomes 'None'": (variant({"wandb.name": {"values": [None]}}), "wandb.name"),
     "argument of another class": (variant({"optimizer.momentum": {"values": [0.9]}}), "optimizer.momentum"),
     "metric never logged": (variant(metric={"name": "val_loss", "goal": "minimize"}), "metric"),
+    "the model's constructor refuses": (variant({"model.dropout": {"values": [0.1, 1.5]}}), "model.dropout"),
+    "the DataModule's constructor refuses": (variant({"data.batch_size": {"values": [64, -64]}}), "data.batch_size"),
     "args without hyphens": (variant(command=["${env}", "${interpreter}", "${program}", "${args_no_hyphens}"]),
                              "command"),
     "nested parameters": (variant({"model": {"parameters": {"depth": {"values": [1, 2]}}}}), "parameters/model"),
 }
 
 
+@pytest.mark.example_model
+@pytest.mark.example_data
 @pytest.mark.parametrize("config, key", BROKEN.values(), ids=BROKEN.keys())
 def test_broken_config_is_rejected_before_anything_is_created(config: dict, key: str, capsys: pytest.CaptureFixture,
                                                               monkeypatch: pytest.MonkeyPatch):
@@ -113,6 +117,8 @@ def test_broken_config_is_rejected_before_anything_is_created(config: dict, key:
     assert key in capsys.readouterr().err
 
 
+@pytest.mark.example_model
+@pytest.mark.example_data
 def test_a_dependent_parameter_is_accepted_with_its_class():
     sweep.validate(variant({"optimizer": {"values": ["SGD"]}, "optimizer.momentum": {"values": [0.0, 0.9]}}))
 
@@ -124,6 +130,8 @@ TYPED = variant({"trainer.enable_progress_bar": {"values": [True, False]}, "wand
                  "optimizer.lr": {"distribution": "log_uniform_values", "min": 1e-5, "max": 1e-2}})
 
 
+@pytest.mark.example_model
+@pytest.mark.example_data
 @pytest.mark.filterwarnings("ignore:.*args parameter is intended")  # pytest's own sys.argv, not a mistake
 def test_agent_argv_is_accepted_and_every_setting_arrives():
     sweep.validate(TYPED)
@@ -142,6 +150,8 @@ def test_agent_argv_is_accepted_and_every_setting_arrives():
             assert parsed.wandb.tags == run["wandb.tags"] and parsed.model.depth == run["model.depth"]
 
 
+@pytest.mark.example_model
+@pytest.mark.example_data
 def test_a_run_started_like_the_agent_trains_with_its_settings(tmp_path: Path):
     run = {**sweep.random_configs(1, seed=5)[0], "trainer.max_epochs": 1}
     # The agent runs ["/usr/bin/env", "python", "train.py", *${args}] in the repository ("python" from PATH).
@@ -163,6 +173,8 @@ def test_a_run_started_like_the_agent_trains_with_its_settings(tmp_path: Path):
 # --- enumeration without a server --------------------------------------------------------------------------
 
 
+@pytest.mark.example_model
+@pytest.mark.example_data
 def test_grid_is_the_product_of_the_values():
     runs = sweep.grid_configs()
     params = sweep.SWEEP_CONFIG["parameters"]
@@ -177,6 +189,8 @@ def test_grid_is_the_product_of_the_values():
         sweep.grid_configs(TYPED)
 
 
+@pytest.mark.example_model
+@pytest.mark.example_data
 def test_random_draws_are_seeded_and_leave_the_global_rngs_alone():
     random.seed(123)
     np.random.seed(123)
