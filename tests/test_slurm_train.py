@@ -169,7 +169,7 @@ def test_dry_run_prints_the_script_and_runs_and_submits_nothing(tmp_path: Path, 
 def test_local_runs_rows_concurrently_and_fails_when_a_row_fails(tmp_path: Path, capsys: pytest.CaptureFixture):
     # Every row passes the checks, but row 1's data directory lies under a file: it crashes when it prepares its data.
     (tmp_path / "blocker").write_text("a file, not a directory")
-    data_dirs = [str(tmp_path / "data"), str(tmp_path / "blocker" / "data"), str(tmp_path / "data")]
+    data_dirs = [str(tmp_path / "data"), str(tmp_path / "blocker" / "data"), str(tmp_path / "data2")]
     params = {"data.data_dir": {"values": data_dirs}}
     argv = ["--sweep-config", sweep_file(tmp_path, params), "--local", "--max-concurrent", "2", *EXTRA[:-1]]
     assert slurm_train.main(argv) == 1
