@@ -32,7 +32,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from support.downloads import MIRROR_ENV, DownloadError, RemoteFile, prepare_dataset, remote_files
+from support.downloads import MIRROR_ENV, DownloadError, RemoteFile, load_prepared, prepare_dataset, remote_files
 
 
 @dataclass(frozen=True)
@@ -137,6 +137,8 @@ class DataModule(pl.LightningDataModule):
         self.spec = dataset_spec(dataset)
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be at least 0 (0: load in the main process), got {num_workers}")
         if not (0 < val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
             raise ValueError(f"val_fraction={val_fraction} and test_fraction={test_fraction} must leave training data")
         self.save_hyperparameters()  # stored in checkpoints, so a checkpoint knows its data
@@ -159,7 +161,7 @@ class DataModule(pl.LightningDataModule):
             return
         options = self.hparams
         path = prepare_dataset(options.dataset, self.spec, options.data_dir, options.mirror)
-        data = torch.load(path, weights_only=True)
+        data = load_prepared(path)
         order = torch.randperm(len(data["y"]), generator=torch.Generator().manual_seed(options.split_seed))
         n_val = round(len(order) * options.val_fraction)
         if "x_test" in data:  # official test split: validation comes out of the training data
@@ -234,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     except (DownloadError, OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    data = torch.load(path, weights_only=True)
+    data = load_prepared(path)
     sizes = ", ".join(f"{key} {tuple(value.shape)}" for key, value in data.items())
     print(f"{args.dataset} ready at {path.parent}: {sizes}")
     return 0

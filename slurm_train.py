@@ -33,6 +33,7 @@ from typing import Any
 
 import sweep
 from support.atomic import write_atomic
+from support.errors import one_line
 from support.runs import tasks_devices_mismatch, timestamped_name
 
 REPO_DIR = Path(__file__).resolve().parent
@@ -99,8 +100,6 @@ def _parse(argv: list[str], index: int) -> Any:
     try:
         return sweep.train_config(argv)  # loads torch: only here, so --help and --resume need not wait for it
     except Exception as err:  # jsonargparse's ArgumentError, or a constructor's ValueError/TypeError
-        from support.training import one_line
-
         raise LaunchError(f"row {index} ({shlex.join(argv)}): train.py rejects it: {one_line(err)}") from None
 
 

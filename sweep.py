@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from support.errors import one_line
 from support.wandb_access import agent_problem, has_wandb_credentials
 
 with warnings.catch_warnings():  # sweeps 0.2.0 declares pydantic-v1 settings, which pydantic 2 warns about
@@ -173,7 +174,6 @@ def _culprit(run: dict[str, Any], message: str) -> str:
 def _cli_errors(parameters: dict[str, dict[str, Any]]) -> list[str]:
     """Parse every value of every parameter as train.py would (one at a time, the others at their first value)
     and check that it arrives unchanged: `--key=None` or `--key=1e-05` must mean what the sweep says."""
-    from support.training import one_line  # loads torch: only when a config is checked
 
     values = {name: _check_values(name, spec) for name, spec in parameters.items()}
     base = {name: vals[0] for name, vals in values.items()}

@@ -31,7 +31,7 @@ import torch
 from jsonargparse import ArgumentError
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning import LightningModule, Trainer
-from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities.model_helpers import is_overridden
@@ -41,7 +41,7 @@ import model
 from support import runs, training
 from support.cka_monitor import CKAMonitor
 from support.downloads import DownloadError
-from support.resumable import ResumableTrainingData
+from support.errors import SettingError, one_line
 
 # ---- What you change ------------------------------------------------------------------------------------------
 MODEL_CLASS = model.ImageClassifier  # your LightningModule
@@ -106,18 +106,17 @@ class TrainCLI(LightningCLI):
         config = self.config
         chosen = config.run_dir or config.trainer.default_root_dir or os.environ.get(RUN_DIR_ENV)
         self.run_dir = Path(chosen or Path("runs") / runs.default_run_name()).resolve()
+        runs.check_run_dir_and_checkpoint(self.run_dir, config.ckpt_path)  # before anything is written
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         init = self.config_init
         if init.checkpoint.dirpath is None:
             init.checkpoint.dirpath = str(self.run_dir / "checkpoints")
         given = init.trainer.callbacks
-        callbacks = [*(given if isinstance(given, list) else [given] if given else [])]
-        callbacks += [training.ResumeRNGState(), training.SignalsAtBatchBoundary(init.checkpoint.dirpath),
-                      ResumableTrainingData(),
-                      training.latest_checkpoint(init.checkpoint.dirpath)]
-        if init.trainer.enable_progress_bar is not False:  # a terminal gets Lightning's bar; log files get lines
-            callbacks.append(TQDMProgressBar() if training.is_terminal() else training.LogLineProgress())
+        callbacks = [*(given if isinstance(given, list) else [given] if given else [])] + training.machinery_callbacks(
+            init.checkpoint.dirpath, {"--checkpoint.monitor": init.checkpoint.monitor,
+                                      "--early_stopping.monitor": init.early_stopping.monitor},
+            progress=init.trainer.enable_progress_bar is not False)
         if init.trainer.logger in (None, True):  # not set by the user: our default wandb logger
             kwargs["logger"] = training.wandb_logger(self.config.wandb, self.run_dir)
         trainer = super().instantiate_trainer(callbacks=callbacks, default_root_dir=str(self.run_dir), **kwargs)
@@ -173,14 +172,16 @@ def main(args: list[str] | dict[str, Any] | None = None) -> dict[str, Any]:
     try:
         try:
             cli = build_cli(args)
+        except SettingError as err:  # already one line, naming the option
+            raise SystemExit(f"error: {err}") from None
         except (ArgumentError, ValueError, TypeError, MisconfigurationException) as err:
-            raise SystemExit(f"error: {training.one_line(err)}\nSee `python train.py --help` for the options."
+            raise SystemExit(f"error: {one_line(err)}\nSee `python train.py --help` for the options."
                              ) from None
         os.environ[RUN_DIR_ENV] = str(cli.run_dir)  # DDP workers started by Lightning inherit it
         try:
             with training.stopped_by_signal():  # SIGTERM: last.ckpt saved, exit status 143
                 results = fit_and_test(cli)
-        except DownloadError as err:  # prepare_data runs inside fit: the data could not be fetched
+        except (DownloadError, SettingError) as err:  # raised inside fit: data that cannot be had, a bad setting
             raise SystemExit(f"error: {err}") from None
         if wandb.run is not None:
             wandb.finish()  # so the next main() in this process starts its own wandb run

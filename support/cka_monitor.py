@@ -29,6 +29,7 @@ from torchmetrics import Metric
 
 from cka import MIN_SAMPLES, MinibatchCKA
 from support.atomic import write_atomic
+from support.errors import SettingError
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -56,9 +57,9 @@ class LayerRecorder:
         modules = dict(model.named_modules())
         if unknown := [name for name in names if name not in modules]:
             valid = [k for k, m in modules.items() if k and not isinstance(m, _NO_FORWARD)]
-            raise ValueError(f"unknown layer name(s) {unknown}; valid names: {valid}")
+            raise SettingError(f"unknown layer name(s) {unknown}; valid names: {valid}")
         if containers := [name for name in names if isinstance(modules[name], _NO_FORWARD)]:
-            raise ValueError(f"layer(s) {containers} are containers (ModuleList/ModuleDict) that have no forward, "
+            raise SettingError(f"layer(s) {containers} are containers (ModuleList/ModuleDict) that have no forward, "
                              "hence no output: name a child module instead")
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate layer names in {list(names)}")
@@ -204,7 +205,7 @@ class CKAMonitor(pl.Callback):
         if self.reference_checkpoint and self.reference is None:
             path = Path(self.reference_checkpoint).expanduser()
             if not path.is_file():
-                raise FileNotFoundError(f"--cka.reference_checkpoint {path} is not a file: give a local checkpoint")
+                raise SettingError(f"--cka.reference_checkpoint {path} is not a file: give a local checkpoint")
             self.reference = type(pl_module).load_from_checkpoint(path, map_location="cpu").eval()
             self.reference.requires_grad_(False)
             self.cross_cka = MinibatchCKA(len(self.names))

@@ -164,7 +164,8 @@ def prepare_dataset(name: str, spec: DatasetDeclaration, data_dir: str | Path, m
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise OSError(f"cannot create data directory {root}: {err.strerror}; pass a writable --data.data_dir") from err
+        raise DownloadError(f"cannot create data directory {root}: {err.strerror}; pass a writable --data.data_dir"
+                            ) from err
     lock = FileLock(str(root) + ".lock")
     try:
         lock.acquire(blocking=False)
@@ -201,3 +202,13 @@ def prepare_dataset(name: str, spec: DatasetDeclaration, data_dir: str | Path, m
     finally:
         lock.release()
     return root / PROCESSED_FILE
+
+
+def load_prepared(path: Path) -> dict:
+    """The tensors of a prepared data.pt. One that cannot be read (a disk that failed under it, a copy cut short)
+    is named with the fix, rather than torch's bare `[Errno 22] Invalid argument` in every job that reads it."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as err:
+        raise DownloadError(f"{path} cannot be read ({type(err).__name__}: {' '.join(str(err).split())[:120]}): delete "
+                            f"{path.parent} and run again, which rebuilds it") from None

@@ -9,7 +9,10 @@ import os
 import re
 import time
 import uuid
+import zipfile
 from pathlib import Path
+
+from support.errors import SettingError
 
 
 def slurm_batch_job() -> str | None:
@@ -57,3 +60,22 @@ def tasks_devices_mismatch(tasks: int, devices: int, nodes: int) -> str | None:
     return (f"Slurm runs {tasks} task(s) but the Trainer runs {devices} device(s) x {nodes} node(s); Lightning needs "
             f"one task per device: set --ntasks-per-node={devices} --nodes={nodes}, or --trainer.devices / "
             f"--trainer.num_nodes to match the job")
+
+
+def check_run_dir_and_checkpoint(run_dir: Path, ckpt_path: str | None) -> None:
+    """Refuses, before anything is written, a run directory that is a file and a --ckpt_path that cannot be resumed
+    from: a path that is no checkpoint (missing, truncated, another kind of file), or `last` where the run directory
+    has none (a mistyped --run_dir would otherwise train from scratch with only a warning)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise SettingError(f"--run_dir {run_dir} is a file: give a directory (a new one starts a new run)")
+    if ckpt_path == "last":
+        if not (run_dir / "checkpoints" / "last.ckpt").is_file():
+            raise SettingError(f"--ckpt_path last: {run_dir}/checkpoints has no last.ckpt; check --run_dir, or leave "
+                               "--ckpt_path out to start afresh")
+    elif ckpt_path not in (None, "hpc", "best", "registry"):
+        path = Path(ckpt_path).expanduser()
+        if not path.is_file():
+            raise SettingError(f"--ckpt_path {ckpt_path} does not exist: give a .ckpt file or `last`")
+        if not zipfile.is_zipfile(path):  # torch.save's format; a truncated file has lost its zip directory
+            raise SettingError(f"--ckpt_path {ckpt_path} is not a checkpoint (truncated, or another kind of file): "
+                               "give a .ckpt that train.py saved")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from pytorch_lightning import LightningModule, Trainer
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint, ProgressBar
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint, ProgressBar, TQDMProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.loggers.logger import rank_zero_experiment
@@ -30,6 +29,8 @@ from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from support.atomic import write_atomic
+from support.errors import SettingError
+from support.resumable import ResumableTrainingData
 from support.runs import wandb_run_id
 from support.wandb_access import choose_mode
 
@@ -244,6 +245,26 @@ def stopped_by_signal() -> Iterator[None]:
         raise SystemExit(128 + signal.SIGTERM) from None
 
 
+class MonitoredMetricCheck(Callback):
+    """Stops the run with one line at its first validation (the sanity check, if any) when a monitored metric was not
+    logged there. Without it ModelCheckpoint fails only at the end of the first training epoch, hours in."""
+
+    def __init__(self, monitors: dict[str, str | None]) -> None:
+        self.monitors = {option: metric for option, metric in monitors.items() if metric}  # --option -> metric
+        self.checked = False
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.checked:
+            return
+        self.checked = True
+        logged = sorted(trainer.callback_metrics)
+        for option, metric in self.monitors.items():
+            if metric not in logged:
+                raise SettingError(f"{option}={metric} is never logged: validation logged "
+                                   f"{', '.join(logged) or 'nothing'}; set MONITOR in train.py (or the option) to one "
+                                   "of them, or log it with self.log")
+
+
 def latest_checkpoint(dirpath: str) -> ModelCheckpoint:
     """A callback that rewrites DIRPATH/last.ckpt at every validation (or epoch end without one), whatever the
     monitored metric did. Lightning 2.6's `save_last` rewrites last.ckpt only when it also saved a top-k checkpoint,
@@ -251,6 +272,17 @@ def latest_checkpoint(dirpath: str) -> ModelCheckpoint:
     from step 22) and a resumed run repeated work."""
     return ModelCheckpoint(dirpath=dirpath, filename=ModelCheckpoint.CHECKPOINT_NAME_LAST, monitor=None, save_top_k=1,
                            enable_version_counter=False)
+
+
+def machinery_callbacks(checkpoint_dir: str, monitors: dict[str, str | None], progress: bool) -> list[Callback]:
+    """What train.py adds to the Trainer besides Lightning's own callbacks: random states and data position in every
+    checkpoint, signals acted on at a batch boundary, last.ckpt at every validation, an early check of the monitored
+    metrics, and progress for a terminal (Lightning's bar) or a log file (plain lines)."""
+    callbacks = [ResumeRNGState(), SignalsAtBatchBoundary(checkpoint_dir), ResumableTrainingData(),
+                 latest_checkpoint(checkpoint_dir), MonitoredMetricCheck(monitors)]
+    if progress:
+        callbacks.append(TQDMProgressBar() if sys.stdout.isatty() else LogLineProgress())
+    return callbacks
 
 
 def git_commit() -> str:
@@ -303,23 +335,8 @@ def parse_only(cli_class: type[LightningCLI], args: Any, **setup: Any) -> Any:
     raise AssertionError("unreachable: parse_arguments always raises _Parsed")
 
 
-def one_line(err: BaseException) -> str:
-    """jsonargparse errors span many lines; keep the key path, what was expected and the value given."""
-    lines = [line.strip(" -") for line in str(err).splitlines() if line.strip(" -")]
-    keys = re.findall(r'Parser key "([^"]+)"', str(err))
-    if len(keys) > 1:  # a nested key such as optimizer.lr: the useful part is deep inside
-        expected = next((line for line in lines if line.startswith("Expected a <")), lines[-1])
-        given = next((line for line in lines if line.startswith("Given value:")), "")
-        return f'Parser key "{".".join(keys)}": {expected}. {given}'.strip()
-    return " ".join(lines[:2]) if lines else type(err).__name__
-
-
 def quiet_known_warnings() -> None:
     import warnings
 
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")  # in-memory data needs none
     warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")  # Lightning's, not yours
-
-
-def is_terminal() -> bool:
-    return sys.stdout.isatty()
