@@ -30,6 +30,7 @@ from torchmetrics import Metric
 from cka import MIN_SAMPLES, MinibatchCKA
 from support.atomic import write_atomic
 from support.errors import SettingError
+from support.runs import require_checkpoint
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -302,6 +303,7 @@ def record_class_paths(checkpoint: dict, model: nn.Module, datamodule: object | 
 def load_recorded(checkpoint: str, key: str) -> object:
     """Rebuild the "model" or "datamodule" of a checkpoint from its class-path record (`load_from_checkpoint`),
     importing its module by the recorded name: the repository root is on the path, so its scripts' modules are."""
+    require_checkpoint(checkpoint)  # not torch's advice to unpickle with weights_only=False, for a YAML file say
     paths = torch.load(checkpoint, map_location="cpu", weights_only=True).get(CLASS_PATHS, {})
     if key not in paths:
         raise ValueError(f"{checkpoint} names no {key} class: use a checkpoint written by train.py")
@@ -318,21 +320,23 @@ def load_recorded(checkpoint: str, key: str) -> object:
 
 # ---------------------------------------------------------------- two checkpoints: python cka.py A.ckpt B.ckpt
 def compare_checkpoints(ckpt_a: str, ckpt_b: str, out: str, layers: list[str] | None = None,
-                        data_dir: str | None = None) -> Tensor:
-    """Minibatch CKA between the layers of two trained models over A's validation data; writes the heatmap."""
+                        data_dir: str | None = None) -> tuple[Tensor, list[str], list[str]]:
+    """Minibatch CKA between the layers of two trained models over A's validation data; writes the heatmap. Returns
+    the matrix and the layers of A (its rows) and of B (its columns)."""
     model_a, model_b = (load_recorded(path, "model").eval() for path in (ckpt_a, ckpt_b))
     data = load_recorded(ckpt_a, "datamodule")
     if data_dir is not None:
         if "data_dir" not in data.hparams:
             raise ValueError(f"--data_dir given, but {type(data).__name__} takes no data_dir")
         data.hparams.data_dir = data_dir
-    names, _ = choose_layers(model_a, layers)
-    if not names:
-        raise ValueError("the model has no layers with parameters: name the layers with --layers")
+    # Each model's own layers (rows: A's, columns: B's): two checkpoints of different models compare fully.
+    (names_a, _), (names_b, _) = choose_layers(model_a, layers), choose_layers(model_b, layers)
+    if not names_a or not names_b:
+        raise ValueError("a model has no layers with parameters: name the layers with --layers")
     data.prepare_data()
     data.setup("validate")
-    metric = MinibatchCKA(len(names))
-    with LayerRecorder(model_a, names) as rec_a, LayerRecorder(model_b, names) as rec_b, torch.no_grad():
+    metric = MinibatchCKA(len(names_a), len(names_b))
+    with LayerRecorder(model_a, names_a) as rec_a, LayerRecorder(model_b, names_b) as rec_b, torch.no_grad():
         for batch in data.val_dataloader():
             if (x := model_input(batch)) is None:
                 raise ValueError(f"the validation batches are {type(batch).__name__}s, not (input, ...) tuples")
@@ -341,11 +345,11 @@ def compare_checkpoints(ckpt_a: str, ckpt_b: str, out: str, layers: list[str] | 
             acts_a, acts_b = rec_a.collect(), rec_b.collect()
             if len(x) >= MIN_SAMPLES:  # the unbiased estimator's minimum; only a tiny ragged last batch is left out
                 metric.update(acts_a, acts_b)
-    matrix = metric.compute().reshape(len(names), len(names))  # 0-dim for one layer (torchmetrics squeezes it)
+    matrix = metric.compute().reshape(len(names_a), len(names_b))  # 0-dim for 1 x 1 (torchmetrics squeezes it)
     run_a, run_b = (Path(os.path.abspath(path)).parent.parent.name for path in (ckpt_a, ckpt_b))  # runs/<run>/
-    plot_cka_heatmap(matrix, [f"A {n}" for n in names], [f"B {n}" for n in names], path=out,
+    plot_cka_heatmap(matrix, [f"A {n}" for n in names_a], [f"B {n}" for n in names_b], path=out,
                      title=f"CKA: {run_a} vs {run_b}").clear()
-    return matrix
+    return matrix, names_a, names_b
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -363,12 +367,22 @@ def main(argv: list[str] | None = None) -> int:
         if not os.path.isfile(path):
             print(f"error: checkpoint {path} does not exist", file=sys.stderr)
             return 2
-    try:
-        matrix = compare_checkpoints(args.ckpt_a, args.ckpt_b, args.out, args.layers, args.data_dir)
-    except (ValueError, OSError, LayerOutputError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    out_dir = Path(args.out).resolve().parent
+    existing = next(path for path in [out_dir, *out_dir.parents] if path.exists())  # what mkdir would start from
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        print(f"error: --out {args.out}: {existing} is not a directory this user can write; choose another --out",
+              file=sys.stderr)
         return 2
-    print(f"CKA (rows: layers of A, columns: layers of B), heatmap written to {args.out}")
-    for row in matrix.tolist():
-        print("  ".join(f"{value:.4f}" for value in row))
+    try:
+        matrix, names_a, names_b = compare_checkpoints(args.ckpt_a, args.ckpt_b, args.out, args.layers, args.data_dir)
+    except (ValueError, OSError, LayerOutputError) as err:
+        print(f"error: {getattr(err, 'strerror', None) and f'{err.filename}: {err.strerror}' or err}", file=sys.stderr)
+        return 2
+    print(f"CKA, heatmap written to {args.out}; rows: layers of A ({args.ckpt_a}), columns: layers of B "
+          f"({args.ckpt_b})")
+    width = max(len(name) for name in names_a) + 4  # "A <name>" and two spaces
+    print(" " * width + "  ".join(f"B {name}" for name in names_b))
+    for name, row in zip(names_a, matrix.tolist(), strict=True):
+        print(f"A {name}".ljust(width) + "  ".join(f"{value:.4f}".rjust(len(b) + 2) for value, b in zip(row, names_b,
+                                                                                                     strict=True)))
     return 0

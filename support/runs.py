@@ -73,9 +73,13 @@ def check_run_dir_and_checkpoint(run_dir: Path, ckpt_path: str | None) -> None:
             raise SettingError(f"--ckpt_path last: {run_dir}/checkpoints has no last.ckpt; check --run_dir, or leave "
                                "--ckpt_path out to start afresh")
     elif ckpt_path not in (None, "hpc", "best", "registry"):
-        path = Path(ckpt_path).expanduser()
-        if not path.is_file():
-            raise SettingError(f"--ckpt_path {ckpt_path} does not exist: give a .ckpt file or `last`")
-        if not zipfile.is_zipfile(path):  # torch.save's format; a truncated file has lost its zip directory
-            raise SettingError(f"--ckpt_path {ckpt_path} is not a checkpoint (truncated, or another kind of file): "
-                               "give a .ckpt that train.py saved")
+        require_checkpoint(ckpt_path, "--ckpt_path ", "a .ckpt file or `last`")
+
+
+def require_checkpoint(path: str | Path, what: str = "", instead: str = "a .ckpt that train.py saved") -> None:
+    """Refuses a path that is no checkpoint, naming it (`what` + path): missing, truncated or another kind of file,
+    told apart without unpickling anything (torch.save writes a zip; a truncated one has lost its directory)."""
+    if not Path(path).expanduser().is_file():
+        raise SettingError(f"{what}{path} does not exist: give {instead}")
+    if not zipfile.is_zipfile(Path(path).expanduser()):
+        raise SettingError(f"{what}{path} is not a checkpoint (truncated, or another kind of file): give {instead}")

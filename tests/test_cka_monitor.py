@@ -312,10 +312,21 @@ def test_dict_batches_skip_the_reference_comparison_with_one_warning(tmp_path: P
 
 
 # ------------------------------------------------------------------ class-path record and python cka.py A B
-def train_toy(run_dir: Path, seed: int, callback: CKAMonitor) -> Path:
+class TwoHeads(ToyClassifier):
+    """Another model: layers body, head and extra, so its checkpoint's layers differ from ToyClassifier's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.extra = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.extra(super().forward(x))
+
+
+def train_toy(run_dir: Path, seed: int, callback: CKAMonitor, model_class: type = ToyClassifier) -> Path:
     torch.manual_seed(seed)
     trainer = make_trainer(run_dir, callback, max_epochs=2, enable_checkpointing=False)
-    trainer.fit(ToyClassifier(), datamodule=ToyData())
+    trainer.fit(model_class(), datamodule=ToyData())
     trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     return run_dir / "checkpoints" / "last.ckpt"
 
@@ -329,8 +340,11 @@ def test_command_line_compares_two_trained_checkpoints(tmp_path: Path, capsys):
     tests = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")]))}
     result = run_script("cka.py", str(a), str(b), "--out", "ab.png", **tests)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.splitlines()[0] == "CKA (rows: layers of A, columns: layers of B), heatmap written to ab.png"
-    rows = [[float(v) for v in line.split()] for line in result.stdout.splitlines()[1:]]
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("CKA, heatmap written to ab.png; rows: layers of A")
+    assert lines[1].split() == ["B", "body", "B", "head"]  # the matrix comes with its labels
+    assert [line.split()[:2] for line in lines[2:]] == [["A", "body"], ["A", "head"]]
+    rows = [[float(v) for v in line.split()[2:]] for line in lines[2:]]
     assert len(rows) == 2 and all(len(row) == 2 and all(-0.1 < v <= 1.0 + 1e-9 for v in row) for row in rows)
     assert Path("ab.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     unimportable = run_script("cka.py", str(a), str(b), **{"PYTHONPATH": ""})
@@ -338,14 +352,28 @@ def test_command_line_compares_two_trained_checkpoints(tmp_path: Path, capsys):
     assert "class toy.ToyClassifier cannot be imported here" in unimportable.stderr
     # the same command line in process (toy is importable here; importing Lightning costs a child ~15 s)
     assert main([str(a), str(a), "--out", "aa.png"]) == 0
-    diagonal = [float(line.split()[i]) for i, line in enumerate(capsys.readouterr().out.splitlines()[1:])]
+    diagonal = [float(line.split()[2 + i]) for i, line in enumerate(capsys.readouterr().out.splitlines()[2:])]
     assert diagonal == pytest.approx([1.0] * 2, abs=1e-9)  # a model compared with itself
     assert main([str(a), "nowhere.ckpt"]) == 2
     assert capsys.readouterr().err.strip() == "error: checkpoint nowhere.ckpt does not exist"
     assert main([str(a), str(b), "--out", "one.png", "--layers", "body.0"]) == 0
-    assert len(capsys.readouterr().out.splitlines()) == 2 and Path("one.png").is_file()
+    assert len(capsys.readouterr().out.splitlines()) == 3 and Path("one.png").is_file()
     assert main([str(a), str(b), "--data_dir", "elsewhere"]) == 2
     assert capsys.readouterr().err.strip() == "error: --data_dir given, but ToyData takes no data_dir"
+    # Models whose layers differ: each compared with all of its own layers, and the output says which are which.
+    c = train_toy(tmp_path / "c", 3, CKAMonitor(every_n_epochs=0), TwoHeads)
+    assert main([str(a), str(c), "--out", "ac.png"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["B", "body", "B", "head", "B", "extra"] and len(lines) == 4
+    # What is not a checkpoint, or where the heatmap cannot go, is one line saying so.
+    Path("config.yaml").write_text("model:\n  depth: 2\n")
+    assert main([str(a), "config.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "config.yaml is not a checkpoint" in err and "weights_only" not in err and err.count("\n") == 1
+    Path("afile").write_text("a file")
+    assert main([str(a), str(b), "--out", "afile/heatmap.png"]) == 2
+    err = capsys.readouterr().err
+    assert "afile is not a directory this user can write" in err and err.count("\n") == 1
 
 
 # ------------------------------------------------------------------ the example model, through train.py

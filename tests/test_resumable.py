@@ -3,6 +3,7 @@ the tests' own model and data (tests/toy.py: a plain `DataLoader(TensorDataset(.
 
 from __future__ import annotations
 
+import subprocess
 import time
 import warnings
 from pathlib import Path
@@ -136,3 +137,18 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits_143(devices: int):
                          "--ckpt_path=stopped/last.ckpt", timeout=240)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_weights("full/last.ckpt", "stopped/last.ckpt")
+
+
+def test_under_ddp_every_rank_exits_within_seconds_of_sigterm_every_time():
+    """Five more stops of a 2-process DDP run (the test above is the first): each time both ranks exit, with
+    status 143 and a checkpoint, within 30 s of the signal, and no process of the run is left behind."""
+    for attempt in range(4):
+        out = f"stop{attempt}"
+        result = run_script("tests/toy_train.py", out, "--devices=2", "--max_epochs=4", "--sigterm_at_step=15",
+                            timeout=240)
+        ended = time.time()
+        assert result.returncode == 143, result.stderr[-3000:]
+        assert ended - float(Path(out, "sigterm_sent_at").read_text()) < 30
+        assert Path(out, "last.ckpt").is_file()
+        left = subprocess.run(["pgrep", "-f", f"toy_train.py {out}"], capture_output=True, text=True).stdout.split()
+        assert not left, f"processes of the stopped run still running: {left}"

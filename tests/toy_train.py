@@ -11,6 +11,7 @@ import argparse
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
@@ -44,6 +45,7 @@ class SigtermAtStep(Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: object, batch: object,
                            batch_idx: int) -> None:
         if trainer.global_step == self.step and trainer.global_rank == 0:
+            (Path(trainer.default_root_dir) / "sigterm_sent_at").write_text(str(time.time()))
             os.kill(os.getpid(), signal.SIGTERM)
 
 
