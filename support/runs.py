@@ -68,6 +68,9 @@ def check_run_dir_and_checkpoint(run_dir: Path, ckpt_path: str | None) -> None:
     has none (a mistyped --run_dir would otherwise train from scratch with only a warning)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise SettingError(f"--run_dir {run_dir} is a file: give a directory (a new one starts a new run)")
+    existing = next(path for path in [run_dir, *run_dir.parents] if path.exists())  # where mkdir would start
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise SettingError(f"--run_dir {run_dir}: {existing} is not a directory this user can write; give another")
     if ckpt_path == "last":
         if not (run_dir / "checkpoints" / "last.ckpt").is_file():
             raise SettingError(f"--ckpt_path last: {run_dir}/checkpoints has no last.ckpt; check --run_dir, or leave "
