@@ -55,7 +55,6 @@ PATIENCE = 8  # validation epochs without improvement before early stopping (--e
 LINKED = ("num_classes", "in_channels")
 # ----------------------------------------------------------------------------------------------------------------
 
-REPO_DIR = Path(__file__).resolve().parent
 RUN_DIR_ENV = "TRAIN_RUN_DIR"  # hands the run directory to DDP worker processes, which re-run this script
 
 
@@ -83,7 +82,7 @@ class TrainCLI(LightningCLI):
         parser.add_class_arguments(training.WandbOptions, "wandb")
         if not is_overridden("configure_optimizers", parent=LightningModule, instance=MODEL_CLASS):
             # The optimizer lives in the CLI: --optimizer=SGD --optimizer.lr=0.1 --optimizer.momentum=0.9. A model
-            # with its own configure_optimizers keeps it (and gets no --optimizer options).
+            # with its own configure_optimizers keeps it (its --optimizer then has no default).
             parser.add_optimizer_args((torch.optim.Optimizer,))
             parser.set_defaults({"optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 3e-3}}})
         for name, when in linked_arguments():

@@ -103,8 +103,8 @@ class ResumableTrainingData(Callback):
 
             def wrapped(hook: str = hook, make_loader: Any = make_loader) -> Any:
                 loader = make_loader()
-                if hook == "train_dataloader":
-                    return self.resumable(loader, trainer)
+                if hook == "train_dataloader":  # the Trainer asking now (a DataModule may serve several in turn)
+                    return self.resumable(loader, getattr(owner, "trainer", None) or trainer)
                 if isinstance(loader, DataLoader):
                     # Evaluation loaders draw their iterators' seeds from here rather than from the global RNG, so
                     # validating (or validating more often) never changes the training run's dropout masks.
