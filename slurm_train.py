@@ -11,10 +11,9 @@
 Everything comes from sweep.SWEEP_CONFIG (or --sweep-config FILE, JSON or YAML). Arguments after `--` are added to
 every row's train.py arguments. Each grid gets a new directory, runs/grid-<time>-<random>/, holding grid.json
 (every row's config and train.py argv), job.sbatch (the script submitted), row-<i>.out (each task's log) and
-row-<i>/ (that run's directory: config.yaml, checkpoints/, wandb/). A row is finished when row-<i>/done exists:
-the task writes it only after train.py exited 0, so a crashed, cancelled or preempted row is not finished and a
-requeued task resumes its own checkpoints. Every row is parsed as train.py would parse it before anything is
-written or submitted.
+row-<i>/ (that run's directory). A row is finished when row-<i>/done exists: the task writes it only after train.py
+exited 0, so a crashed, cancelled or preempted row is not finished and a requeued task resumes its own checkpoints.
+Every row is checked as train.py would check it (constructors included) before anything is written or submitted.
 """
 
 from __future__ import annotations
@@ -37,8 +36,7 @@ from support.errors import one_line
 from support.runs import tasks_devices_mismatch, timestamped_name
 
 REPO_DIR = Path(__file__).resolve().parent
-# Partition names and limits change: check the cluster's documentation (`sinfo -s`). The one copy: sbatch_agent.sh
-# points here (`--dry-run` prints the #SBATCH lines a preset gives).
+# The one copy of the presets (`--dry-run` prints their #SBATCH lines). Partition names change: check `sinfo -s`.
 PRESETS: dict[str, dict[str, Any]] = {
     "hec": {"partition": "gpu-short", "gres": True},  # Lancaster HEC: or gpu-medium / gpu-long
     # Bede, as its documentation (N8-CIR-Bede/documentation, usage) shows: --account=<project> on every job,
@@ -179,8 +177,7 @@ if [ -e "$row_dir/done" ]; then echo "row $row already finished ($row_dir/done)"
 argv=$("$python" -c 'import json, sys; row = json.load(open(sys.argv[1]))["rows"][int(sys.argv[2])]
 print("\\n".join(row["argv"]))' "$grid_dir/grid.json" "$row") || die "cannot read row $row of $grid_dir/grid.json"
 mapfile -t args <<< "$argv"
-# A requeued or resumed row continues from its own checkpoints: Lightning picks the hpc_ckpt_N its requeue
-# handler saved by itself; otherwise the row's last.ckpt, if any.
+# A requeued or resumed row continues from its own checkpoints: Lightning's hpc_ckpt_N, else its last.ckpt.
 resume=()
 if [ -f "$row_dir/checkpoints/last.ckpt" ] && ! compgen -G "$row_dir/hpc_ckpt_*.ckpt" > /dev/null; then
   resume=(--ckpt_path=last)
