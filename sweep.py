@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from support.errors import one_line
-from support.wandb_access import agent_problem, has_wandb_credentials
+from support.wandb_access import agent_problem, default_project, has_wandb_credentials
 
 with warnings.catch_warnings():  # sweeps 0.2.0 declares pydantic-v1 settings, which pydantic 2 warns about
     warnings.simplefilter("ignore", UserWarning)
@@ -61,9 +61,6 @@ SWEEP_CONFIG: dict[str, Any] = {
         "trainer.max_epochs": {"value": 30},
     },
 }
-
-REPO_DIR = Path(__file__).resolve().parent
-
 
 class SweepConfigError(ValueError):
     """A sweep config that wandb or train.py would reject; the message names every offending key, one per line."""
@@ -327,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Check, create or enumerate the sweep in SWEEP_CONFIG.")
     parser.add_argument("--dry-run", action="store_true", help="check everything, create nothing (no network)")
     parser.add_argument("--entity", default=os.environ.get("WANDB_ENTITY"))
-    parser.add_argument("--project", default=os.environ.get("WANDB_PROJECT") or REPO_DIR.name)
+    parser.add_argument("--project", default=default_project())
     parser.add_argument("--list", action="store_true", help="print each run's train.py command (grid, or --samples)")
     parser.add_argument("--samples", type=int, help="with --list: this many random draws instead of the grid")
     parser.add_argument("--seed", type=int, default=0, help="with --samples: seed of the draws")

@@ -53,6 +53,11 @@ class EpochShuffleSampler(DistributedSampler):
         return iter(order[self.rank::self.num_replicas][skip if epoch == self.epoch else 0:].tolist())
 
 
+def run_seed() -> int:
+    """The run's seed, as Lightning's samplers take it: seed_everything sets PL_GLOBAL_SEED, for DDP workers too."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+
 def why_not_resumable(loader: DataLoader) -> str | None:
     """Why EpochShuffleSampler cannot replace this loader's sampler, or None when it can."""
     if isinstance(loader.dataset, IterableDataset):
@@ -108,7 +113,7 @@ class ResumableTrainingData(Callback):
                 if isinstance(loader, DataLoader):
                     # Evaluation loaders draw their iterators' seeds from here rather than from the global RNG, so
                     # validating (or validating more often) never changes the training run's dropout masks.
-                    loader.generator = torch.Generator().manual_seed(int(os.environ.get("PL_GLOBAL_SEED", 0)))
+                    loader.generator = torch.Generator().manual_seed(run_seed())
                 return loader
 
             wrapped.wrapped_by_template = True  # type: ignore[attr-defined]
@@ -123,8 +128,7 @@ class ResumableTrainingData(Callback):
             rank_zero_warn(f"the training DataLoader cannot be resumed mid-epoch: {problem}; a resumed run restarts "
                            "its interrupted epoch")
             return loader
-        # Seeded like Lightning's own samplers: by seed_everything, which also sets PL_GLOBAL_SEED for DDP workers.
-        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        seed = run_seed()
         shuffle = not isinstance(loader.sampler, SequentialSampler) and getattr(loader.sampler, "shuffle", True)
         sampler = EpochShuffleSampler(loader.dataset, seed, trainer.world_size, trainer.global_rank, shuffle)
         try:

@@ -32,7 +32,7 @@ from support.atomic import write_atomic
 from support.errors import SettingError
 from support.resumable import ResumableTrainingData
 from support.runs import wandb_run_id
-from support.wandb_access import choose_mode
+from support.wandb_access import choose_mode, default_project
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 
@@ -77,7 +77,7 @@ class FallbackWandbLogger(WandbLogger):
 class WandbOptions:
     """wandb settings (entity and project also follow WANDB_ENTITY / WANDB_PROJECT)."""
 
-    project: str = field(default_factory=lambda: os.environ.get("WANDB_PROJECT", REPO_DIR.name))  # the clone's name
+    project: str = field(default_factory=default_project)  # WANDB_PROJECT, else the clone's directory name
     entity: str | None = None
     name: str | None = None
     tags: list[str] = field(default_factory=list)
@@ -95,10 +95,10 @@ def wandb_logger(options: WandbOptions, run_dir: Path) -> FallbackWandbLogger:
     return FallbackWandbLogger(
         project=options.project, entity=options.entity, name=options.name or run_dir.name, tags=options.tags or None,
         save_dir=str(run_dir), id=wandb_run_id(run_dir), resume="allow", mode=mode,
-        settings=wandb_settings(options.init_timeout))
+        settings=init_settings(options.init_timeout))
 
 
-def wandb_settings(init_timeout: float) -> Any:
+def init_settings(init_timeout: float) -> Any:
     import wandb
 
     # git_root: wandb records the commit of this repository, not of the run directory it writes into.

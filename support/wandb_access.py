@@ -8,13 +8,14 @@ from __future__ import annotations
 import os
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 OFFLINE_HINT = ("on machines without internet, run the sweep offline instead: `python sweep.py --list` (or "
                 "slurm_train.py) enumerates the same SWEEP_CONFIG, then `wandb sync` the runs")
 
 
-def wandb_settings() -> Any:
+def current_settings() -> Any:
     """wandb's settings as `wandb.init` would load them now: environment variables, the settings file that
     `wandb login --host` writes, and wandb's own default server (which changes between releases: 0.31's is
     api.forge.coreweave.com, not api.wandb.ai)."""
@@ -25,12 +26,18 @@ def wandb_settings() -> Any:
     return _WandbSetup(pid=os.getpid()).settings
 
 
+def default_project() -> str:
+    """WANDB_PROJECT, else the name of this clone's directory: each project a researcher makes of the template
+    logs to its own wandb project without configuring one."""
+    return os.environ.get("WANDB_PROJECT") or Path(__file__).resolve().parent.parent.name
+
+
 def has_wandb_credentials() -> bool:
     """True when wandb would find an API key without prompting: WANDB_API_KEY, an identity token, or a netrc entry
     for the server it will use (looked up by wandb's own netrc reader, which also knows its hosts' aliases)."""
     from wandb.sdk.lib import wbauth  # what `wandb login` writes, wandb reads here; watched by test_private_names
 
-    settings = wandb_settings()
+    settings = current_settings()
     if settings.api_key or settings.identity_token_file:
         return True
     try:
@@ -41,7 +48,7 @@ def has_wandb_credentials() -> bool:
 
 def server_problem(timeout: float) -> str | None:
     """Why the wandb server that wandb will use cannot be reached within `timeout` seconds (one line), or None."""
-    url = wandb_settings().base_url
+    url = current_settings().base_url
     try:
         urllib.request.urlopen(url, timeout=timeout).close()  # honours https_proxy like wandb does
     except urllib.error.HTTPError:
