@@ -9,7 +9,8 @@ The default dataset is embedded (scikit-learn's 1,797 handwritten 8x8 digits), s
 network; MNIST, Fashion-MNIST and CIFAR-10 are downloaded. Each dataset is declared once, in DATASETS, and prepared
 once per data directory by support/downloads.py: under a file lock (DDP ranks, array tasks and jobs wait for one
 process to do it) its files are downloaded with pySmartDL, verified, built into DIR/<name>/data.pt, and the marker
-DIR/<name>/COMPLETE is written last. A run that finds the marker loads data.pt and touches no network.
+DIR/<name>/COMPLETE is written last. A run that finds the marker loads data.pt and touches no network; the marker
+records the declaration (files, checksums, build function), so editing one rebuilds that dataset at the next run.
 
 To use your own data: write a function that takes the raw directory and returns {"x": uint8 (N, C, H, W),
 "y": int64 (N,)} (optionally also "x_test"/"y_test" for an official test split), and add a DatasetSpec for it to

@@ -4,17 +4,21 @@
     python train.py --model.hidden_dim=64 --data.batch_size=32 --trainer.max_epochs=3 --seed_everything=1
     python train.py --optimizer.lr=3e-3 --trainer.gradient_clip_val=1.0 --trainer.precision=bf16-mixed
     python train.py --print_config > my.yaml && python train.py --config my.yaml
-    python train.py --run_dir runs/my-run --ckpt_path last   # resume a stopped run from its last checkpoint
+    python train.py --run_dir runs/my-run --ckpt_path last   # resume a stopped run, with its own config.yaml
+    python train.py --run_dir runs/my-run --ckpt_path last --trainer.max_epochs=60      # ... changing a setting
+    python evaluate.py runs/my-run                           # test its best checkpoint again, print the metrics
     python train.py --help                                   # every option, with its default
 
 Make it your own: the section "What you change" below names your model, your data, the metric that picks the
 best checkpoint, and how long to train. Nothing else in the template names them: sweep.py, slurm_train.py, the
 benchmarks and the tests take them from here.
 
-Every run writes to its own directory (default runs/<time>-<random>; under SLURM runs/slurm-<job>[_<task>]):
-the saved config.yaml, checkpoints/ (best and last) and the wandb run. wandb logs online when you have
-credentials (`wandb login` or WANDB_API_KEY) and its server answers, offline otherwise (upload later with
-`wandb sync DIR/wandb/...`); WANDB_MODE or --wandb.mode override that. It never prompts and never hangs.
+Every run writes to its own directory (default runs/<time>-<random>; under SLURM runs/slurm-<job>[_<task>]), one
+run at a time: config.yaml (written once; a resume that changes settings records them in config.resume-N.yaml),
+checkpoints/ (best by MONITOR, last at every validation; each written whole or not at all) and the wandb run.
+wandb logs online when you have credentials (`wandb login` or WANDB_API_KEY) and its server answers, offline
+otherwise (upload later with `wandb sync DIR/wandb/...`); WANDB_MODE or --wandb.mode override that. It never
+prompts and never hangs.
 
 From another script: `import train; train.main(["--trainer.max_epochs=2"])` or
 `train.main({"trainer": {"max_epochs": 2}})` trains and returns the final metrics as a dict.
@@ -22,6 +26,7 @@ From another script: `import train; train.main(["--trainer.max_epochs=2"])` or
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 from pathlib import Path
@@ -38,7 +43,7 @@ from pytorch_lightning.utilities.model_helpers import is_overridden
 
 import datamodule
 import model
-from support import runs, training
+from support import run_directory, runs, training
 from support.cka_monitor import CKAMonitor
 from support.downloads import DownloadError
 from support.errors import SettingError, one_line
@@ -100,12 +105,19 @@ class TrainCLI(LightningCLI):
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.add_lightning_class_args(CKAMonitor, "cka")  # layer similarity heatmaps; --cka.every_n_epochs=0: off
 
-    def before_instantiate_classes(self) -> None:
-        # Kept out of the saved config on purpose: re-running a saved config.yaml starts a new run.
-        config = self.config
-        chosen = config.run_dir or config.trainer.default_root_dir or os.environ.get(RUN_DIR_ENV)
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        chosen = self.config.run_dir or self.config.trainer.default_root_dir or os.environ.get(RUN_DIR_ENV)
         self.run_dir = Path(chosen or Path("runs") / runs.default_run_name()).resolve()
-        runs.check_run_dir_and_checkpoint(self.run_dir, config.ckpt_path)  # before anything is written
+        runs.check_run_dir_and_checkpoint(self.run_dir, self.config.ckpt_path)  # before anything is written
+        # A resume continues with the run's own config.yaml, the arguments given on top (support/run_directory.py).
+        self.config, self.changed = run_directory.with_saved_settings(parser, self.config, args, self.run_dir)
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        if checkpoint := runs.checkpoint_file(self.run_dir, self.config.ckpt_path):  # it must load: checked now
+            run_directory.require_fit(self.model, checkpoint, self.changed, self.run_dir,
+                                      self.config.trainer.max_epochs)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         init = self.config_init
@@ -118,7 +130,9 @@ class TrainCLI(LightningCLI):
             progress=init.trainer.enable_progress_bar is not False)
         if init.trainer.logger in (None, True):  # not set by the user: our default wandb logger
             kwargs["logger"] = training.wandb_logger(self.config.wandb, self.run_dir)
+        kwargs["plugins"] = run_directory.with_atomic_checkpoints(init.trainer.plugins)
         trainer = super().instantiate_trainer(callbacks=callbacks, default_root_dir=str(self.run_dir), **kwargs)
+        training.LatestCheckpoint.after_the_others(trainer)
         tasks = int(os.environ.get("SLURM_NTASKS", 1))
         if SLURMEnvironment.detect() and (problem := runs.tasks_devices_mismatch(tasks, trainer.num_devices,
                                                                                       trainer.num_nodes)):
@@ -133,10 +147,21 @@ CLI_SETUP: dict[str, Any] = dict(
     parser_kwargs={"exit_on_error": False, "description": "Train the model (see train.py's docstring)."})
 
 
-def build_cli(args: list[str] | dict[str, Any] | None = None) -> TrainCLI:
-    """Parse the settings and build model, data and trainer; raises ArgumentError/ValueError on bad settings."""
-    return TrainCLI(args=args, save_config_callback=training.SaveConfigAndLog, save_config_kwargs={"overwrite": True},
-                    **CLI_SETUP)
+def build_cli(args: list[str] | dict[str, Any] | None = None, record: bool = True) -> TrainCLI:
+    """Parse the settings and build model, data and trainer; raises ArgumentError/ValueError on bad settings.
+    record=False: the run's config is neither saved nor logged (evaluate.py)."""
+    return TrainCLI(args=args, save_config_callback=training.SaveConfigAndLog if record else None,
+                    save_config_kwargs={"save_to_log_dir": False}, **CLI_SETUP)
+
+
+def build_cli_or_exit(args: list[str] | dict[str, Any] | None = None, record: bool = True) -> TrainCLI:
+    """build_cli, with bad settings turned into one line (SystemExit) that names the option."""
+    try:
+        return build_cli(args, record)
+    except SettingError as err:  # already one line, naming the option
+        raise SystemExit(f"error: {err}") from None
+    except (ArgumentError, ValueError, TypeError, MisconfigurationException) as err:
+        raise SystemExit(f"error: {one_line(err)}\nSee `python train.py --help` for the options.") from None
 
 
 def parse_config(args: list[str] | dict[str, Any]) -> Any:
@@ -169,17 +194,13 @@ def main(args: list[str] | dict[str, Any] | None = None) -> dict[str, Any]:
 
     set_here = RUN_DIR_ENV not in os.environ
     try:
-        try:
-            cli = build_cli(args)
-        except SettingError as err:  # already one line, naming the option
-            raise SystemExit(f"error: {err}") from None
-        except (ArgumentError, ValueError, TypeError, MisconfigurationException) as err:
-            raise SystemExit(f"error: {one_line(err)}\nSee `python train.py --help` for the options."
-                             ) from None
+        cli = build_cli_or_exit(args)
         os.environ[RUN_DIR_ENV] = str(cli.run_dir)  # DDP workers started by Lightning inherit it
         try:
-            with training.stopped_by_signal():  # SIGTERM: last.ckpt saved, exit status 143
-                results = fit_and_test(cli)
+            # One run writes into a run directory at a time: the first process holds it (DDP ranks share it).
+            with run_directory.one_writer(cli.run_dir) if cli.trainer.is_global_zero else contextlib.nullcontext():
+                with training.stopped_by_signal():  # SIGTERM: last.ckpt saved, exit status 143
+                    results = fit_and_test(cli)
         except (DownloadError, SettingError) as err:  # raised inside fit: data that cannot be had, a bad setting
             raise SystemExit(f"error: {err}") from None
         if wandb.run is not None:

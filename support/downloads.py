@@ -2,8 +2,10 @@
 
 prepare_dataset(name, declaration, data_dir) makes DATA_DIR/<name>/data.pt from a declaration (anything with
 `files`, the RemoteFiles to download into DATA_DIR/<name>/raw/, and `build`, raw dir -> dict of tensors); the
-marker DATA_DIR/<name>/COMPLETE is written last. Many processes (DDP ranks, array tasks, separate jobs) may call it
-at once: one does the work under a file lock, the others wait and then reuse it. A call that finds the marker
+marker DATA_DIR/<name>/COMPLETE is written last and holds a fingerprint of the declaration (files, checksums, the
+build function's source): a declaration edited since then is rebuilt, not served stale. Many processes (DDP
+ranks, array tasks, separate jobs) may call it at once: one does the work under a file lock, the others wait and
+then reuse it. A call that finds the marker
 loads nothing and touches no network. Every failure is one DownloadError line that names the file, the URLs
 tried and what to do.
 """
@@ -12,13 +14,14 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import inspect
 import os
 import shutil
 import sys
 import tempfile
 import time
 import urllib.error
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -69,6 +72,42 @@ class DatasetDeclaration(Protocol):
 
     @property
     def build(self) -> Callable[[Path], dict[str, torch.Tensor]]: ...  # DIR/<name>/raw -> tensors, saved to data.pt
+
+
+def source_of(function: Callable) -> Iterator[str]:
+    """The source of `function` and of every function of its own module that it calls, directly or not: what a
+    researcher edits when a dataset changes (a build function and the file readers it calls, say)."""
+    seen: set[Callable] = set()
+    pending = [getattr(function, "func", function)]  # a functools.partial builds with its function
+    while pending:
+        current = pending.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        code = getattr(current, "__code__", None)
+        try:
+            yield inspect.getsource(current)
+        except (OSError, TypeError):  # no source to read (made at run time): its bytecode says what it does
+            yield repr(code.co_code) if code else repr(current)
+        codes = [code] if code else []
+        while codes:  # names used by the function and by its nested functions and lambdas
+            inner = codes.pop()
+            codes += [const for const in inner.co_consts if inspect.iscode(const)]
+            for name in inner.co_names:
+                called = getattr(current, "__globals__", {}).get(name)
+                if inspect.isfunction(called) and called.__module__ == current.__module__:
+                    pending.append(called)
+
+
+def declaration_fingerprint(spec: DatasetDeclaration) -> str:
+    """A digest of what builds the dataset: each file's name and checksum (not its URLs: a new mirror serves the
+    same bytes) and the build function's source. Kept in the COMPLETE marker, so an edited declaration is noticed."""
+    digest = hashlib.sha256()
+    for file in spec.files:
+        digest.update(f"{file.name}\0{file.checksum.lower()}\0".encode())
+    for source in source_of(spec.build):
+        digest.update(source.encode())
+    return "sha256:" + digest.hexdigest()
 
 
 def file_checksum(path: Path, like: str) -> str:
@@ -159,7 +198,8 @@ def prepare_dataset(name: str, spec: DatasetDeclaration, data_dir: str | Path, m
     Each file comes from its declared URLs in order, or only from `mirror` (default $DATA_MIRROR) + its name."""
     root = Path(data_dir).expanduser().resolve() / name
     marker = root / COMPLETE_MARKER
-    if marker.exists():  # fast path: no lock, no network
+    fingerprint = declaration_fingerprint(spec)
+    if built_by(marker) == fingerprint:  # fast path: no lock, no network
         return root / PROCESSED_FILE
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -174,7 +214,9 @@ def prepare_dataset(name: str, spec: DatasetDeclaration, data_dir: str | Path, m
         lock.acquire()
     step = "creating raw/"  # named in the one message for a full disk, whichever step filled it
     try:
-        if not marker.exists():  # another process may have finished while we waited
+        if (found := built_by(marker)) != fingerprint:  # another process may have built it while we waited
+            if found is not None:  # data.pt is replaced atomically: a job that has loaded it keeps what it read
+                print(f"dataset {name!r} was declared differently when {root} was built: rebuilding it", flush=True)
             raw = root / "raw"
             if spec.files:
                 raw.mkdir(exist_ok=True)
@@ -193,7 +235,7 @@ def prepare_dataset(name: str, spec: DatasetDeclaration, data_dir: str | Path, m
             step = f"writing {PROCESSED_FILE}"
             # durable: on disk before the marker can be, even if the node crashes
             write_atomic(root / PROCESSED_FILE, lambda f: torch.save(data, f), durable=True)
-            marker.write_text("ok\n")
+            write_atomic(marker, fingerprint + "\n")
     except OSError as err:
         if err.errno == errno.ENOSPC:  # the one place a full disk is named (download() passes it on)
             raise DownloadError(f"no space left on device while preparing {name} in {root} ({step}): free some "
@@ -202,6 +244,14 @@ def prepare_dataset(name: str, spec: DatasetDeclaration, data_dir: str | Path, m
     finally:
         lock.release()
     return root / PROCESSED_FILE
+
+
+def built_by(marker: Path) -> str | None:
+    """The fingerprint a COMPLETE marker records (markers written before fingerprints hold "ok"), or None."""
+    try:
+        return marker.read_text().strip()
+    except (FileNotFoundError, NotADirectoryError):  # not built; or the data directory is a file (named later)
+        return None
 
 
 def load_prepared(path: Path) -> dict:

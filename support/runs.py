@@ -79,6 +79,13 @@ def check_run_dir_and_checkpoint(run_dir: Path, ckpt_path: str | None) -> None:
         require_checkpoint(ckpt_path, "--ckpt_path ", "a .ckpt file or `last`")
 
 
+def checkpoint_file(run_dir: Path, ckpt_path: str | None) -> Path | None:
+    """The file --ckpt_path names (`last`: the run's last.ckpt), or None for none or Lightning's own names."""
+    if ckpt_path == "last":
+        return run_dir / "checkpoints" / "last.ckpt"
+    return None if ckpt_path in (None, "hpc", "best", "registry") else Path(ckpt_path).expanduser()
+
+
 def require_checkpoint(path: str | Path, what: str = "", instead: str = "a .ckpt that train.py saved") -> None:
     """Refuses a path that is no checkpoint, naming it (`what` + path): missing, truncated or another kind of file,
     told apart without unpickling anything (torch.save writes a zip; a truncated one has lost its directory)."""

@@ -30,7 +30,8 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from support.atomic import write_atomic
 from support.errors import SettingError
-from support.resumable import ResumableTrainingData
+from support.resumable import ExactEpochMeans, ResumableTrainingData
+from support.run_directory import CONFIG_FILE, record_config, rerunnable
 from support.runs import wandb_run_id
 from support.wandb_access import choose_mode, default_project
 
@@ -107,7 +108,9 @@ def init_settings(init_timeout: float) -> Any:
 
 class LogLineProgress(ProgressBar):
     """Progress for log files (SLURM output, pipes): a plain line every `interval` seconds and at each epoch end,
-    instead of a stream of carriage returns. Reads metrics only when it prints, so it adds no per-step sync."""
+    instead of a stream of carriage returns. Mid-epoch lines show the progress-bar metrics; epoch lines show every
+    metric the model logged (a model that logs without prog_bar=True printed only "epoch 1/2 done in 0.1s").
+    Reads metrics only when it prints, so it adds no per-step sync."""
 
     def __init__(self, interval: float = 30.0) -> None:
         super().__init__()
@@ -119,10 +122,14 @@ class LogLineProgress(ProgressBar):
     def enable(self) -> None:
         self.enabled = True
 
-    def _print(self, trainer: Trainer, pl_module: LightningModule, what: str) -> None:
+    def _print(self, trainer: Trainer, pl_module: LightningModule, what: str, every_metric: bool = False) -> None:
         if not (self.enabled and trainer.is_global_zero):
             return
-        metrics = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num"}
+        metrics = dict(self.get_metrics(trainer, pl_module))
+        if every_metric:
+            metrics.update({k: float(v) if isinstance(v, torch.Tensor) and v.numel() == 1 else v
+                            for k, v in trainer.callback_metrics.items()})
+        metrics.pop("v_num", None)
         parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in sorted(metrics.items())]
         print(" | ".join([what, *parts]), flush=True)
         self.last_print = time.monotonic()
@@ -139,7 +146,7 @@ class LogLineProgress(ProgressBar):
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         seconds = time.monotonic() - self.epoch_start
         done = f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs} done in {seconds:.1f}s"
-        self._print(trainer, pl_module, done)
+        self._print(trainer, pl_module, done, every_metric=True)
 
 
 class ResumeRNGState(Callback):
@@ -265,21 +272,31 @@ class MonitoredMetricCheck(Callback):
                                    "of them, or log it with self.log")
 
 
-def latest_checkpoint(dirpath: str) -> ModelCheckpoint:
-    """A callback that rewrites DIRPATH/last.ckpt at every validation (or epoch end without one), whatever the
-    monitored metric did. Lightning 2.6's `save_last` rewrites last.ckpt only when it also saved a top-k checkpoint,
-    so with a metric that stops improving last.ckpt lagged behind the run (measured: a run stopped at step 60 resumed
-    from step 22) and a resumed run repeated work."""
-    return ModelCheckpoint(dirpath=dirpath, filename=ModelCheckpoint.CHECKPOINT_NAME_LAST, monitor=None, save_top_k=1,
-                           enable_version_counter=False)
+class LatestCheckpoint(ModelCheckpoint):
+    """Rewrites DIRPATH/last.ckpt at every validation (or epoch end without one), whatever the monitored metric did.
+    Lightning 2.6's `save_last` rewrites last.ckpt only when it also saved a top-k checkpoint, so with a metric that
+    stops improving last.ckpt lagged behind the run (measured: a run stopped at step 60 resumed from step 22) and a
+    resumed run repeated work."""
+
+    def __init__(self, dirpath: str) -> None:
+        super().__init__(dirpath=dirpath, filename=self.CHECKPOINT_NAME_LAST, monitor=None, save_top_k=1,
+                         enable_version_counter=False)
+
+    @staticmethod
+    def after_the_others(trainer: Trainer) -> None:
+        """Moves this callback to the end of the trainer's: Lightning runs checkpoint callbacks last in the order
+        given, and LightningCLI adds --checkpoint's after ours, so last.ckpt held the best checkpoint's state of the
+        epoch before; a run resumed from it lost track of its best file (two best-*.ckpt left, measured)."""
+        latest = [callback for callback in trainer.callbacks if isinstance(callback, LatestCheckpoint)]
+        trainer.callbacks = [callback for callback in trainer.callbacks if callback not in latest] + latest
 
 
 def machinery_callbacks(checkpoint_dir: str, monitors: dict[str, str | None], progress: bool) -> list[Callback]:
     """What train.py adds to the Trainer besides Lightning's own callbacks: random states and data position in every
     checkpoint, signals acted on at a batch boundary, last.ckpt at every validation, an early check of the monitored
     metrics, and progress for a terminal (Lightning's bar) or a log file (plain lines)."""
-    callbacks = [ResumeRNGState(), SignalsAtBatchBoundary(checkpoint_dir), ResumableTrainingData(),
-                 latest_checkpoint(checkpoint_dir), MonitoredMetricCheck(monitors)]
+    callbacks = [ResumeRNGState(), SignalsAtBatchBoundary(checkpoint_dir), ResumableTrainingData(), ExactEpochMeans(),
+                 LatestCheckpoint(checkpoint_dir), MonitoredMetricCheck(monitors)]
     if progress:
         callbacks.append(TQDMProgressBar() if sys.stdout.isatty() else LogLineProgress())
     return callbacks
@@ -297,17 +314,26 @@ def git_commit() -> str:
 
 
 class SaveConfigAndLog(SaveConfigCallback):
-    """Saves config.yaml in the run directory (Lightning's default) and records it, the seed and the git commit
-    in the logger, so every wandb run says exactly what produced it."""
+    """Records the run's settings in its directory (config.yaml once; a resume that changed them adds
+    config.resume-N.yaml, see support/run_directory.py) and in the logger, with the seed and the git commit, so every
+    wandb run says exactly what produced it. Lightning's own saving (save_to_log_dir) is off: it overwrote
+    config.yaml at every start, so a failed resume with the wrong settings destroyed the run's only record."""
 
-    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:  # rank 0 only
+        run_dir = Path(trainer.default_root_dir)
+        dumped = self.parser.dump(self.config, skip_none=False)
+        resumed_from = self.config.get("ckpt_path")
+        written = record_config(run_dir, dumped, f"resumed from {resumed_from}" if resumed_from else
+                                "started again in this directory")
         if isinstance(trainer.logger, WandbLogger):
-            id_file = Path(trainer.default_root_dir) / "wandb_id"
+            id_file = run_dir / "wandb_id"
             if not id_file.exists():
                 write_atomic(id_file, trainer.logger.version + "\n")
         if trainer.logger is not None:
-            extra = {"git_commit": git_commit(), "run_dir": trainer.default_root_dir}
-            trainer.logger.log_hyperparams({**self.config.as_dict(), **extra})
+            extra = {"git_commit": git_commit(), "run_dir": str(run_dir)}
+            if written is not None and written.name != CONFIG_FILE:  # the wandb config says what the resume changed
+                extra["resumed_with"] = written.name
+            trainer.logger.log_hyperparams({**rerunnable(dumped), **extra})
 
 
 class _Parsed(Exception):  # noqa: N818 (not an error: how the parse-only CLI hands its config back)

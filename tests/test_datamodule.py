@@ -167,6 +167,10 @@ def test_offline_prepare_and_train_with_no_server_at_all(monkeypatch, tmp_path: 
     data_dir = tmp_path / "data"
     with FileServer(files) as server:  # "mnist" served locally, for once
         prepare_dataset("mnist", served("mnist", [server.url], files), data_dir)
+    # As if prepared from the shipped declaration on a login node: its fingerprint (the real files' checksums, which
+    # these synthetic files cannot have) in the marker.
+    shipped = downloads.declaration_fingerprint(datamodule.dataset_spec("mnist"))
+    (data_dir / "mnist" / COMPLETE_MARKER).write_text(shipped + "\n")
     # From here there is no server: the shipped MNIST declaration points at the internet, which we lack, and
     # any attempt to download fails the test.
     monkeypatch.setattr(downloads, "SmartDL", lambda *a, **k: pytest.fail("tried to download"))

@@ -265,3 +265,60 @@ def test_a_shared_directory_prepared_once_is_reused_by_later_runs(monkeypatch, t
         for _ in range(3):
             assert prepare_dataset("reused", spec, tmp_path) == path
     assert dict(server.requests) == before and path.stat().st_mtime_ns == stamp
+
+
+BUILD_MODULE = '''
+import torch
+
+
+def samples(n):
+    return torch.arange(n)
+
+
+def build(raw):
+    return {{"y": samples({n})}}
+'''
+
+
+def build_from_source(tmp_path: Path, version: str, n: int):
+    """A build function in a module of its own (a researcher's datamodule.py), whose helper makes n samples."""
+    import importlib.util
+
+    path = tmp_path / f"declared_{version}.py"
+    path.write_text(BUILD_MODULE.format(n=n))
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build
+
+
+def test_an_edited_build_function_is_rebuilt_and_an_unchanged_one_reused(capsys, tmp_path: Path):
+    """Measured before the fingerprint: after editing a build function to make more samples, training silently
+    reused the old data.pt, because the COMPLETE marker did not record what built it."""
+    path = prepare_dataset("made", Declaration((), build_from_source(tmp_path, "a", 5)), tmp_path / "data")
+    assert load(path)["y"].shape == (5,)
+    before = path.stat().st_mtime_ns
+    prepare_dataset("made", Declaration((), build_from_source(tmp_path, "b", 5)), tmp_path / "data")  # same source
+    assert path.stat().st_mtime_ns == before and "rebuilding" not in capsys.readouterr().out
+    prepare_dataset("made", Declaration((), build_from_source(tmp_path, "c", 9)), tmp_path / "data")
+    assert load(path)["y"].shape == (9,)
+    assert "'made' was declared differently" in capsys.readouterr().out
+    assert sorted(p.name for p in path.parent.iterdir()) == [COMPLETE_MARKER, "data.pt"]  # no temporary file left
+
+
+def test_the_fingerprint_follows_checksums_and_called_functions_but_not_urls(tmp_path: Path):
+    files = {"a.bin": b"abc"}
+    here = downloads.declaration_fingerprint(declare(["http://127.0.0.1:1/"], files))
+    assert downloads.declaration_fingerprint(declare(["http://mirror.example/"], files)) == here
+    assert downloads.declaration_fingerprint(declare(["http://127.0.0.1:1/"], {"a.bin": b"abd"})) != here
+    # build() calls samples(): editing only the helper changes the fingerprint
+    sources = list(downloads.source_of(build_from_source(tmp_path, "d", 3)))
+    assert len(sources) == 2 and "def samples" in sources[1]
+
+
+def test_a_marker_from_before_fingerprints_is_rebuilt_once(tmp_path: Path):
+    spec = Declaration(files=(), build=lambda raw: {"y": torch.arange(4)})
+    path = prepare_dataset("made", spec, tmp_path)
+    (path.parent / COMPLETE_MARKER).write_text("ok\n")  # what the template wrote before
+    prepare_dataset("made", spec, tmp_path)
+    assert (path.parent / COMPLETE_MARKER).read_text().startswith("sha256:")

@@ -71,3 +71,28 @@ def test_torchmetrics_keeps_reset_values_where_minibatch_cka_keeps_them_float64(
     assert set(metric._defaults) == {"hsic_xy", "hsic_xx", "hsic_yy"}, "torchmetrics renamed Metric._defaults"
     metric.reset()
     assert metric.hsic_xy.dtype == torch.float64, "MinibatchCKA's sums no longer stay float64 under .to(bf16)"
+
+
+def test_lightning_keeps_the_sample_count_of_logged_means_where_exact_epoch_means_converts_it():
+    """support/resumable.py ExactEpochMeans: the count of a mean logged with self.log is `cumulated_batch_size` of
+    each value in trainer._results, an integer tensor."""
+    import torch
+    from pytorch_lightning import LightningModule, Trainer
+
+    seen: list[object] = []
+
+    class Logs(LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(1, 1)
+
+        def test_step(self, batch: list[torch.Tensor], batch_idx: int) -> None:
+            self.log("loss", self.layer(batch[0]).mean())
+
+        def on_test_batch_end(self, *args: object) -> None:
+            seen[:] = [getattr(result, "cumulated_batch_size", None) for result in self.trainer._results.values()]
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(6, 1)), batch_size=4)
+    Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False).test(Logs(), data)
+    assert len(seen) == 1 and isinstance(seen[0], torch.Tensor) and seen[0].item() == 6 and \
+        not seen[0].is_floating_point(), "Lightning no longer keeps the count in _results' cumulated_batch_size"

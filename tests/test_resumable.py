@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset, Weighte
 from toy import ToyData
 from toy_train import fit
 
-from support.resumable import EpochShuffleSampler, ResumableTrainingData
+from support.resumable import EpochShuffleSampler, ExactShards, ResumableTrainingData
 
 
 def weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -152,3 +152,20 @@ def test_under_ddp_every_rank_exits_within_seconds_of_sigterm_every_time():
         assert Path(out, "last.ckpt").is_file()
         left = subprocess.run(["pgrep", "-f", f"toy_train.py {out}"], capture_output=True, text=True).stdout.split()
         assert not left, f"processes of the stopped run still running: {left}"
+
+
+@pytest.mark.parametrize("samples, ranks, batch_size", [(270, 2, 64), (271, 2, 64), (257, 4, 64), (256 + 3, 4, 64),
+                                                        (129, 2, 64), (5, 4, 2), (100, 8, 3), (7, 3, 1)])
+def test_exact_shards_evaluate_each_sample_once_in_equally_many_batches(samples: int, ranks: int, batch_size: int):
+    """Lightning's DistributedSampler pads evaluation shards with repeated samples; these take each sample once and
+    pick a batch size at which every rank runs as many batches (DDP's forward is a collective)."""
+    size = ExactShards.batch_size_for(samples, ranks, batch_size)
+    if size is None:  # fewer samples than ranks, or no batch size that fits: Lightning's padding stays
+        assert samples < ranks or samples % ranks and all((samples // ranks) % b == 0 for b in range(1, batch_size + 1))
+        return
+    assert 1 <= size <= batch_size and (size == batch_size or samples % ranks)
+    data = TensorDataset(torch.arange(samples))
+    shards = [list(ExactShards(data, ranks, rank)) for rank in range(ranks)]
+    assert sorted(i for shard in shards for i in shard) == list(range(samples))
+    assert [len(shard) for shard in shards] == [len(ExactShards(data, ranks, rank)) for rank in range(ranks)]
+    assert len({-(-len(shard) // size) for shard in shards}) == 1, (size, [len(s) for s in shards])

@@ -1,0 +1,108 @@
+"""Evaluate a trained run: test (or validate) one of its checkpoints with the settings the run was trained with,
+and print the metrics. Nothing is trained, nothing is written into the run directory, no wandb run is made.
+
+    python evaluate.py runs/my-run                          # its best checkpoint (by MONITOR) on the test split
+    python evaluate.py runs/my-run --checkpoint last        # its last.ckpt
+    python evaluate.py runs/my-run/checkpoints/best-epoch007-step160.ckpt
+    python evaluate.py runs/my-run --split val --json metrics.json
+    python evaluate.py runs/my-run -- --data.batch_size=512 --trainer.devices=2 --trainer.strategy=ddp
+
+The settings are the run's config.yaml; train.py arguments after `--` override them (batch size, devices,
+another dataset with the same classes). The metrics are those the model logs in its test_step (validation_step
+for --split val), the same numbers train.py printed at the end of training for that checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from pytorch_lightning.utilities import rank_zero_only
+
+import train
+from support import run_directory, runs, training
+from support.atomic import write_atomic
+from support.errors import SettingError
+
+
+def best_checkpoint(run_dir: Path) -> Path:
+    """The run's best checkpoint by its monitored metric: the one best-*.ckpt, or, where several are kept
+    (--checkpoint.save_top_k), the one that last.ckpt's ModelCheckpoint state names as best."""
+    folder = run_dir / "checkpoints"
+    candidates = sorted(folder.glob("best-*.ckpt"))
+    if len(candidates) == 1:
+        return candidates[0]
+    if candidates and (folder / "last.ckpt").is_file():
+        states = torch.load(folder / "last.ckpt", map_location="cpu", mmap=True, weights_only=False)["callbacks"]
+        for key, state in states.items():
+            named = Path(str(state.get("best_model_path") or "")).name
+            if key.startswith("ModelCheckpoint") and named.startswith("best-") and (folder / named).is_file():
+                return folder / named
+    raise SettingError(f"{folder} has no best-*.ckpt to choose: give --checkpoint last, or a checkpoint's path")
+
+
+def checkpoint_and_run(target: Path, which: str) -> tuple[Path, Path]:
+    """(checkpoint, run directory) for a run directory (best or last checkpoint) or a checkpoint file."""
+    if target.is_file():
+        run_dir = target.parent.parent if target.parent.name == "checkpoints" else target.parent
+        checkpoint = target
+    elif target.is_dir():
+        run_dir = target
+        checkpoint = best_checkpoint(run_dir) if which == "best" else run_dir / "checkpoints" / f"{which}.ckpt"
+    else:
+        raise SettingError(f"{target} does not exist: give a run directory (runs/...) or a .ckpt file")
+    runs.require_checkpoint(checkpoint, "checkpoint ")
+    return checkpoint, run_dir
+
+
+def evaluate(target: str | Path, which: str = "best", split: str = "test", overrides: list[str] | None = None
+             ) -> dict[str, Any]:
+    """Tests (or validates) the checkpoint with its run's settings; returns the metrics (and which checkpoint)."""
+    checkpoint, run_dir = checkpoint_and_run(Path(target).expanduser().resolve(), which)
+    config = run_dir / run_directory.CONFIG_FILE
+    if not config.is_file():
+        training.warn(f"{run_dir} has no {config.name}: evaluating with train.py's defaults and the arguments given")
+    # The run's own directory, without a logger or a saved config: nothing is written there. CKA (a validation
+    # extra) is off, so --split val gives exactly the validation metrics.
+    cli = train.build_cli_or_exit([*(["--config", str(config)] if config.is_file() else []), *(overrides or []),
+                                   f"--run_dir={run_dir}", "--trainer.logger=false", "--cka.every_n_epochs=0"],
+                                  record=False)
+    run_directory.require_fit(cli.model, checkpoint, {}, run_dir)
+    trainer = cli.trainer
+    run = trainer.test if split == "test" else trainer.validate
+    with training.stopped_by_signal():
+        outputs = run(cli.model, datamodule=cli.datamodule, ckpt_path=str(checkpoint), verbose=False)
+    metrics: dict[str, Any] = {key: float(value) for key, value in (outputs[0] if outputs else {}).items()}
+    if trainer.is_global_zero:
+        print(f"checkpoint:      {checkpoint}")
+        print(f"{split} metrics:    " + "  ".join(f"{key}={value:.4f}" for key, value in metrics.items()))
+    return {**metrics, "checkpoint": str(checkpoint)}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    argv = sys.argv[1:] if argv is None else argv
+    ours, overrides = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    parser = argparse.ArgumentParser(description="Test a run's checkpoint with its own settings (see the docstring).")
+    parser.add_argument("target", help="a run directory (runs/...) or a checkpoint file")
+    parser.add_argument("--checkpoint", default="best",
+                        help="for a run directory: best (by the monitored metric), last, or another name in "
+                             "checkpoints/ without .ckpt (default: best)")
+    parser.add_argument("--split", choices=("test", "val"), default="test")
+    parser.add_argument("--json", help="also write the metrics to this JSON file")
+    options = parser.parse_args(ours)
+    try:
+        results = evaluate(options.target, options.checkpoint, options.split, overrides)
+    except SettingError as err:
+        raise SystemExit(f"error: {err}") from None
+    if options.json and rank_zero_only.rank == 0:  # under DDP every rank has the same (synchronised) metrics
+        write_atomic(options.json, json.dumps(results, indent=2) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    training.quiet_known_warnings()
+    main()
