@@ -7,9 +7,10 @@ and print the metrics. Nothing is trained, nothing is written into the run direc
     python evaluate.py runs/my-run --split val --json metrics.json
     python evaluate.py runs/my-run -- --data.batch_size=512 --trainer.devices=2 --trainer.strategy=ddp
 
-The settings are the run's config.yaml; train.py arguments after `--` override them (batch size, devices,
-another dataset with the same classes). The metrics are those the model logs in its test_step (validation_step
-for --split val), the same numbers train.py printed at the end of training for that checkpoint.
+The settings are the run's config.yaml, on one process of this machine; train.py arguments after `--` override
+them (batch size, devices and nodes, another dataset with the same classes). The metrics are those the model logs
+in its test_step (validation_step for --split val): the numbers train.py printed at the end of training for that
+checkpoint.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import train
 from support import run_directory, runs, training
 from support.atomic import write_atomic
 from support.errors import SettingError
+
+ONE_PROCESS = ["--trainer.num_nodes=1", "--trainer.devices=1", "--trainer.strategy=auto"]
 
 
 def best_checkpoint(run_dir: Path) -> Path:
@@ -66,11 +69,12 @@ def evaluate(target: str | Path, which: str = "best", split: str = "test", overr
     config = run_dir / run_directory.CONFIG_FILE
     if not config.is_file():
         training.warn(f"{run_dir} has no {config.name}: evaluating with train.py's defaults and the arguments given")
-    # The run's own directory, without a logger or a saved config: nothing is written there. CKA (a validation
-    # extra) is off, so --split val gives exactly the validation metrics.
-    cli = train.build_cli_or_exit([*(["--config", str(config)] if config.is_file() else []), *(overrides or []),
-                                   f"--run_dir={run_dir}", "--trainer.logger=false", "--cka.every_n_epochs=0"],
-                                  record=False)
+    # The run's settings, but one process on this machine (a run trained on 2 nodes x 4 GPUs is evaluated anywhere)
+    # unless the arguments say otherwise; the run's own directory, without a logger or a saved config: nothing is
+    # written there. CKA (a validation extra) is off, so --split val gives exactly the validation metrics.
+    cli = train.build_cli_or_exit([*(["--config", str(config)] if config.is_file() else []), *ONE_PROCESS,
+                                   *(overrides or []), f"--run_dir={run_dir}", "--trainer.logger=false",
+                                   "--cka.every_n_epochs=0"], record=False)
     run_directory.require_fit(cli.model, checkpoint, {}, run_dir)
     trainer = cli.trainer
     run = trainer.test if split == "test" else trainer.validate

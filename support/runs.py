@@ -62,6 +62,16 @@ def tasks_devices_mismatch(tasks: int, devices: int, nodes: int) -> str | None:
             f"--trainer.num_nodes to match the job")
 
 
+def slurm_job_mismatch(devices: int, nodes: int) -> str | None:
+    """Why this Slurm job's nodes and tasks do not fit the Trainer's devices x nodes, as one line; None when they fit.
+    Lightning would otherwise train each node alone, or hang at its first collective until the time limit."""
+    job_nodes = int(os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES") or 1)
+    if job_nodes != nodes:
+        return (f"Slurm gave the job {job_nodes} node(s) (--nodes={job_nodes}) but the Trainer runs "
+                f"--trainer.num_nodes={nodes}: make them equal (#SBATCH --nodes or --trainer.num_nodes)")
+    return tasks_devices_mismatch(int(os.environ.get("SLURM_NTASKS", 1)), devices, nodes)
+
+
 def check_run_dir_and_checkpoint(run_dir: Path, ckpt_path: str | None) -> None:
     """Refuses, before anything is written, a run directory that is a file and a --ckpt_path that cannot be resumed
     from: a path that is no checkpoint (missing, truncated, another kind of file), or `last` where the run directory
