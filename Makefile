@@ -7,9 +7,10 @@
 # cache directory), pip otherwise, from the same lock; one line says which.
 #   make lock             re-resolve requirements.txt + requirements-dev.txt into requirements.lock (after changing
 #                         a pin; LOCK_OPTIONS=--upgrade takes the newest release of everything the pins allow)
-# Also: make lint, make bench, make env (only the environment), make clean-env. Variables: VENV=path (its place),
-# PYTHON=python3.11, BOOTSTRAP_UV=0 (never install uv: pip unless uv is on PATH), TORCH=system (keep the torch
-# that PYTHON already imports, for POWER9: README.md, "Environment").
+# Also: make lint, make bench, make gpu-check (on a GPU node), make env (only the environment), make clean-env.
+# Variables: VENV=path (its place), PYTHON=python3.11, BOOTSTRAP_UV=0 (never install uv: pip unless uv is on PATH),
+# TORCH=system (keep the torch that PYTHON already imports, for POWER9: README.md, "Environment"), TORCH_CUDA=cu126
+# (the lock's torch in that CUDA build, from the PyTorch index: V100s, drivers older than CUDA 13; README.md, "GPUs").
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -22,15 +23,19 @@ LOCK_OPTIONS ?=
 UV_VERSION := 0.13.9
 BOOTSTRAP_UV ?= 1
 TORCH ?= lock
+# Empty: the lock's torch as PyPI serves it (CUDA 13.0). cu126 (or cu130, cu132, ..., cpu): the same version in that
+# build, with the CUDA libraries it needs, from $(TORCH_INDEX)/$(TORCH_CUDA); its environment is named for it.
+TORCH_CUDA ?=
+TORCH_INDEX ?= https://download.pytorch.org/whl
 CACHE_DIR := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/mlmodeldev
 UV_TOOL := $(CACHE_DIR)/uv-$(UV_VERSION)
 ENV_HASH := $(shell cat $(LOCK) | sha256sum | cut -c1-12)
-VENV ?= $(CACHE_DIR)/venv-$(ENV_HASH)$(if $(filter system,$(TORCH)),-system-torch)
+VENV ?= $(CACHE_DIR)/venv-$(ENV_HASH)$(if $(filter system,$(TORCH)),-system-torch)$(if $(TORCH_CUDA),-torch-$(TORCH_CUDA))
 PY := $(VENV)/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: train test lint bench env lock lock-is-current clean-env venv-path
+.PHONY: train test lint bench gpu-check env lock lock-is-current clean-env venv-path
 
 env: lock-is-current $(VENV)/.complete
 
@@ -88,26 +93,46 @@ if [ "$(TORCH)" = system ]; then
     { echo "error: TORCH=system but $(PYTHON) cannot import torch: load the cluster's PyTorch first, or pass PYTHON=" >&2; exit 1; }
   venv_options=--system-site-packages; install_options=--no-deps
 fi
+torch_pins=
+if [ -n "$(TORCH_CUDA)" ]; then
+  # The lock's torch and torchvision in another CUDA build (+cu126): the rest of the lock without torch's CUDA
+  # libraries (those of CUDA 13), then these two from the PyTorch index with the libraries of their own CUDA.
+  [[ "$(TORCH_CUDA)" =~ ^(cu[0-9]+|cpu)$$ ]] && [ "$(TORCH)" != system ] ||
+    { echo "error: TORCH_CUDA=$(TORCH_CUDA): give a build of torch (cu126, cu130, cpu: README.md, GPUs), without TORCH=system" >&2; exit 1; }
+  torch_pins=$$(sed -nE 's/^(torch|torchvision)==([^ ;+]+).*/\1==\2+$(TORCH_CUDA)/p' $(LOCK) | paste -sd ' ')
+  install_options=--no-deps
+fi
 $(FIND_UV)
 $(PIP_SOURCES_FOR_UV)
 # uv installs the lock's pip itself: a venv without pip takes 0.2 s to create, with pip 3-6 s on 2 cores.
 if [ -n "$$uv" ] && [ "$(TORCH)" != system ]; then venv_options=--without-pip; fi
 rm -rf $(VENV); $(PYTHON) -m venv $$venv_options $(VENV); touch $(VENV)/.installing
-if [ "$(TORCH)" = system ]; then
-  lock=$(VENV)/lock-without-torch.txt; touch $(VENV)/.torch-from-system
+if [ "$(TORCH)" = system ] || [ -n "$(TORCH_CUDA)" ]; then
+  lock=$(VENV)/lock-without-torch.txt
   grep -vE '^(torch|torchvision|triton|nvidia-[a-z0-9-]+|cuda-[a-z-]+)==' $(LOCK) > $$lock
 fi
+if [ "$(TORCH)" = system ]; then touch $(VENV)/.torch-from-system; fi
+torch_index=$(TORCH_INDEX)/$(TORCH_CUDA)
 if [ -n "$$uv" ]; then
   echo "Installing $(LOCK) into $(VENV) with uv ($$uv_found; first time only, about 1 minute)"
   # --compile-bytecode, as pip does by default: without .pyc files (and with PYTHONDONTWRITEBYTECODE=1, as on the
   # development machine and its CI) every process compiles torch anew: 22 s to import torch, Lightning and wandb
   # instead of 9 s, measured on 2 cores.
   "$$uv" pip install --quiet --python $(PY) --compile-bytecode $$(pip_sources_for_uv) $$install_options -r $$lock
+  if [ -n "$$torch_pins" ]; then
+    echo "Installing $$torch_pins from $$torch_index with uv (TORCH_CUDA=$(TORCH_CUDA))"
+    "$$uv" pip install --quiet --python $(PY) --compile-bytecode $$(pip_sources_for_uv) --extra-index-url=$$torch_index $$torch_pins
+  fi
 else
   if [ "$(BOOTSTRAP_UV)" = 1 ]; then why="uv could not be installed"; else why="uv is not on PATH and BOOTSTRAP_UV=0"; fi
   echo "Installing $(LOCK) into $(VENV) with pip ($$why; first time only, about 2.5 minutes)"
   $(PY) -m pip install --quiet --disable-pip-version-check $$install_options -r $$lock
+  if [ -n "$$torch_pins" ]; then
+    echo "Installing $$torch_pins from $$torch_index with pip (TORCH_CUDA=$(TORCH_CUDA))"
+    $(PY) -m pip install --quiet --disable-pip-version-check --extra-index-url $$torch_index $$torch_pins
+  fi
 fi
+if [ -n "$(TORCH_CUDA)" ]; then echo $(TORCH_CUDA) > $(VENV)/.torch-cuda; fi
 rm $(VENV)/.installing; touch $(VENV)/.complete
 endef
 export INSTALL_ENV
@@ -160,6 +185,10 @@ test: env
 
 lint: env
 	$(PY) -m ruff check .
+
+# The checks only GPUs exercise (benchmarks/gpu_check.py), one table; exit status 3 where there is no GPU.
+gpu-check: env
+	$(PY) benchmarks/gpu_check.py $(ARGS)
 
 bench: env
 	$(PY) benchmarks/overhead.py

@@ -124,6 +124,9 @@ def check_rows(rows: list[dict[str, Any]], extra: list[str], res: dict[str, Any]
             for items, index in picked:
                 _parse(sweep.to_argv(dict(items)) + extra, index)
             raise
+        if config.trainer.num_nodes != nodes:  # each node would train alone, or the job hang at its first collective
+            raise LaunchError(f"row {picked[0][1]}: --nodes={nodes} but the Trainer runs --trainer.num_nodes="
+                              f"{config.trainer.num_nodes}: append -- --trainer.num_nodes={nodes}")
         count = _device_count(config.trainer.devices, gpus)
         if count is not None and (problem := tasks_devices_mismatch(tasks * nodes, count, config.trainer.num_nodes)):
             raise LaunchError(f"row {picked[0][1]}: {problem} (here: --ntasks-per-node, --nodes, or -- --trainer.*)")
@@ -248,8 +251,8 @@ def visible_gpus() -> list[str]:
 
 
 def run_local(grid_dir: Path, indices: list[int], k: int) -> int:
-    """The rows as processes of this machine running job.sbatch (same run directories and done markers): at most
-    k at a time on CPU, one per GPU (pinned with CUDA_VISIBLE_DEVICES) when GPUs are visible."""
+    """The rows as processes here running job.sbatch (same run directories and done markers): at most k at a time on
+    CPU, one per visible GPU, pinned by CUDA_VISIBLE_DEVICES; without SLURM_*, so no srun step (it gets all GPUs)."""
     gpus = visible_gpus()
     slots: list[str | None] = list(gpus[:k]) if gpus else [None] * k
     pending, running, failed = list(indices), {}, []  # running: process -> (row, slot)
@@ -257,7 +260,7 @@ def run_local(grid_dir: Path, indices: list[int], k: int) -> int:
         while pending and len(running) < len(slots):
             slot = next(s for s in range(len(slots)) if s not in {sl for _, sl in running.values()})
             row = pending.pop(0)
-            env = {**os.environ, "GRID_ROW": str(row)}
+            env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}, "GRID_ROW": str(row)}
             if slots[slot] is not None:
                 env["CUDA_VISIBLE_DEVICES"] = str(slots[slot])
             with open(grid_dir / f"row-{row}.out", "a") as log:

@@ -43,7 +43,7 @@ from pytorch_lightning.utilities.model_helpers import is_overridden
 
 import datamodule
 import model
-from support import run_directory, runs, training
+from support import gpu_check, run_directory, runs, training
 from support.cka_monitor import CKAMonitor
 from support.downloads import DownloadError
 from support.errors import SettingError, one_line
@@ -121,6 +121,7 @@ class TrainCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         init = self.config_init
+        gpu_check.require_usable_gpus(init.trainer.accelerator)  # GPUs this torch cannot use: one line, the fix
         if init.checkpoint.dirpath is None:
             init.checkpoint.dirpath = str(self.run_dir / "checkpoints")
         given = init.trainer.callbacks
@@ -133,9 +134,7 @@ class TrainCLI(LightningCLI):
         kwargs["plugins"] = run_directory.with_atomic_checkpoints(init.trainer.plugins)
         trainer = super().instantiate_trainer(callbacks=callbacks, default_root_dir=str(self.run_dir), **kwargs)
         training.LatestCheckpoint.after_the_others(trainer)
-        tasks = int(os.environ.get("SLURM_NTASKS", 1))
-        if SLURMEnvironment.detect() and (problem := runs.tasks_devices_mismatch(tasks, trainer.num_devices,
-                                                                                      trainer.num_nodes)):
+        if SLURMEnvironment.detect() and (problem := runs.slurm_job_mismatch(trainer.num_devices, trainer.num_nodes)):
             raise ValueError(problem)
         return trainer
 

@@ -163,9 +163,11 @@ class CKAMonitor(pl.Callback):
     adds each batch to an unbiased-HSIC accumulator (summed over DDP ranks), and at the epoch's end saves the
     layer-by-layer heatmap as RUN_DIR/cka/<name>-epochNNN.png and logs it to wandb as `cka/<name>`. With
     `reference_checkpoint` (a local .ckpt of the same model class; nothing is downloaded) it also compares the
-    model's layers with the reference's, feeding the reference the first element of each (input, ...) batch. It
-    writes the model and DataModule class paths into every checkpoint, even when off, so `python cka.py CKPT_A
-    CKPT_B` can rebuild both without knowing their modules.
+    model's layers with the reference's, feeding the reference the first element of each (input, ...) batch, in the
+    model's precision (--trainer.precision: the reference converted as the model is, run inside the same autocast
+    or dtype context), so a model compared with its own checkpoint gets exactly its self matrix. It writes the
+    model and DataModule class paths into every checkpoint, even when off, so `python cka.py CKPT_A CKPT_B` can
+    rebuild both without knowing their modules.
 
     The defaults keep it cheap enough to leave on (benchmarks/cka_validation.py): a few batches estimate the
     matrix well, and a heatmap costs ~0.1 s to draw, so it runs every 5th epoch on the first 8 batches.
@@ -207,8 +209,9 @@ class CKAMonitor(pl.Callback):
             path = Path(self.reference_checkpoint).expanduser()
             if not path.is_file():
                 raise SettingError(f"--cka.reference_checkpoint {path} is not a file: give a local checkpoint")
-            self.reference = type(pl_module).load_from_checkpoint(path, map_location="cpu").eval()
-            self.reference.requires_grad_(False)
+            reference = type(pl_module).load_from_checkpoint(path, map_location="cpu").eval().requires_grad_(False)
+            # In the dtype the model runs in (bf16-true, 64-true: the precision plugin converts the model too)
+            self.reference = trainer.precision_plugin.convert_module(reference)
             self.cross_cka = MinibatchCKA(len(self.names))
 
     def _due(self, trainer: pl.Trainer) -> bool:
@@ -254,8 +257,9 @@ class CKAMonitor(pl.Callback):
                            f"{type(batch).__name__}, not an (input, ...) tuple or list, so the reference model's "
                            "input is unknown")
         elif len(self.recorders) > 1:
-            with torch.no_grad():
-                self.reference(inputs)  # the reference sees the same inputs as the model
+            precision = trainer.precision_plugin  # the reference runs as the model's validation_step ran: its input
+            with torch.no_grad(), precision.forward_context():  # converted, inside autocast under *-mixed
+                self.reference(precision.convert_input(inputs))
             try:
                 self.cross_cka.update(acts, self.recorders[1].collect())
             except LayerOutputError as err:

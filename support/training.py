@@ -7,7 +7,6 @@ None of it names the example model or data; train.py's first lines choose those.
 from __future__ import annotations
 
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -18,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from pytorch_lightning import LightningModule, Trainer
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint, ProgressBar, TQDMProgressBar
@@ -31,6 +29,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from support.atomic import write_atomic
 from support.errors import SettingError
 from support.resumable import ExactEpochMeans, ResumableTrainingData
+from support.rng_state import ResumeRNGState
 from support.run_directory import CONFIG_FILE, record_config, rerunnable
 from support.runs import wandb_run_id
 from support.wandb_access import choose_mode, default_project
@@ -147,38 +146,6 @@ class LogLineProgress(ProgressBar):
         seconds = time.monotonic() - self.epoch_start
         done = f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs} done in {seconds:.1f}s"
         self._print(trainer, pl_module, done, every_metric=True)
-
-
-class ResumeRNGState(Callback):
-    """Saves the random number generators' states in every checkpoint and puts them back when training resumes,
-    so a resumed run draws the same dropout masks and loader seeds as an uninterrupted one (Lightning restores
-    weights, optimizer and loops, but not these). Applied when training starts, after the sanity check; the
-    training loader has its own generator (support/resumable.py), so only training steps draw from these."""
-
-    def __init__(self) -> None:
-        self.pending: dict[str, Any] | None = None
-
-    def state_dict(self) -> dict[str, Any]:
-        kind, keys, pos, has_gauss, gauss = np.random.get_state()  # as tensors and numbers: weights_only loads
-        numpy_state = [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]
-        state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
-        if torch.cuda.is_available():
-            state["cuda"] = torch.cuda.get_rng_state_all()
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.pending = state_dict
-
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.pending is None:
-            return
-        torch.set_rng_state(self.pending["torch"])
-        kind, keys, pos, has_gauss, gauss = self.pending["numpy"]
-        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-        random.setstate(self.pending["python"])
-        if "cuda" in self.pending and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(self.pending["cuda"])
-        self.pending = None
 
 
 class SignalsAtBatchBoundary(Callback):

@@ -50,10 +50,16 @@ def installed_versions() -> dict[str, str]:
 
 
 def test_installed_environment_is_the_lock() -> None:
-    locked = locked_versions(LOCK)
+    locked, installed = locked_versions(LOCK), installed_versions()
     if (Path(sys.prefix) / ".torch-from-system").exists():
         locked = {name: version for name, version in locked.items() if not TORCH_FROM_SYSTEM.match(name)}
-    installed = installed_versions()
+    if (build_file := Path(sys.prefix) / ".torch-cuda").exists():  # make env TORCH_CUDA=cu126: torch, torchvision
+        build = build_file.read_text().strip()  # in that build, with its CUDA libraries instead of the lock's
+        locked = {name: version + (f"+{build}" if name in ("torch", "torchvision") else "")
+                  for name, version in locked.items() if name in ("torch", "torchvision") or not
+                  TORCH_FROM_SYSTEM.match(name)}
+        installed = {name: version for name, version in installed.items() if name in locked or not
+                     TORCH_FROM_SYSTEM.match(name)}
     not_locked = sorted(f"{name}=={version}" for name, version in installed.items() if locked.get(name) != version)
     not_installed = sorted(f"{name}=={version}" for name, version in locked.items() if installed.get(name) != version)
     assert not not_locked and not not_installed, (
@@ -145,3 +151,31 @@ def test_with_uv_on_path_uv_builds_the_environment_from_the_lock(tiny_lock: Path
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"Installing {tiny_lock} into {venv} with uv (on PATH" in result.stdout
     assert imported_versions(venv) == "1.0 2.0\n"
+
+
+def test_torch_cuda_installs_the_locks_torch_in_that_build(tiny_lock: Path) -> None:
+    """make env TORCH_CUDA=cu126 (V100s, older drivers): the lock's torch version in the cu126 build, from the PyTorch
+    index (here a local wheel stands in for its file), the rest of the lock as it is, in an environment of its own."""
+    wheels = tiny_lock.parent / "wheels"
+    write_wheel(wheels, "torch", "2.14.1")  # what a plain install of the lock would take
+    write_wheel(wheels, "torch", "2.14.1+cu126")
+    lock = tiny_lock.parent / "torch.lock"
+    lock.write_text(tiny_lock.read_text() + "torch==2.14.1 ; sys_platform == 'linux'\n    # via lockprobe-a\n")
+    venv = tiny_lock.parent / "venv"
+    path_without_uv = os.pathsep.join(folder for folder in os.environ["PATH"].split(os.pathsep)
+                                      if not (Path(folder) / "uv").exists())
+    result = make_env(lock, venv, path_without_uv, "BOOTSTRAP_UV=0", "TORCH_CUDA=cu126")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert ("Installing torch==2.14.1+cu126 from https://download.pytorch.org/whl/cu126 with pip (TORCH_CUDA=cu126)"
+            in result.stdout)
+    probe = "import lockprobe_a, lockprobe_b, torch; print(lockprobe_a.VERSION, lockprobe_b.VERSION, torch.VERSION)"
+    versions = subprocess.run([venv / "bin" / "python", "-c", probe], capture_output=True, text=True, timeout=60)
+    assert versions.stdout == "1.0 2.0 2.14.1+cu126\n", versions.stderr
+    assert (venv / ".torch-cuda").read_text() == "cu126\n" and (venv / ".complete").exists()
+    named = subprocess.run(["make", "-s", "--no-print-directory", "-C", str(REPO), "venv-path", "TORCH_CUDA=cu126"],
+                           capture_output=True, text=True, timeout=60).stdout.strip()
+    assert named.endswith("-torch-cu126") and named != subprocess.run(
+        ["make", "-s", "--no-print-directory", "-C", str(REPO), "venv-path"], capture_output=True, text=True).stdout
+    refused = make_env(lock, tiny_lock.parent / "other", path_without_uv, "TORCH_CUDA=12.6")
+    assert refused.returncode != 0 and "error: TORCH_CUDA=12.6: give a build of torch (cu126" in refused.stderr
+    assert not (tiny_lock.parent / "other").exists()
