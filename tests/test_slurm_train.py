@@ -140,7 +140,9 @@ def test_bad_row_value_and_inconsistent_tasks_are_refused(tmp_path: Path, fake_s
     for argv, words in [(["--gpus-per-node", "2", "--ntasks-per-node", "1"], "runs 1 task(s) but the Trainer "
                                                                               "runs 2 device(s)"),
                         (["--gpus-per-node", "2", "--", "--trainer.devices=1"], "the Trainer runs 1 device(s)"),
-                        (["--nodes", "2"], "runs 2 task(s) but the Trainer runs 1 device(s) x 1 node(s)"),
+                        (["--nodes", "2"], "--nodes=2 but the Trainer runs --trainer.num_nodes=1"),
+                        (["--nodes", "2", "--ntasks-per-node", "2", "--", "--trainer.num_nodes=2"],
+                         "runs 4 task(s) but the Trainer runs 1 device(s) x 2 node(s)"),
                         (["--preset", "bede"], "--account"),
                         (["--runs-dir", "my runs"], "spaces")]:
         assert slurm_train.main(["--sweep-config", good, *argv]) == 1
