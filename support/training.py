@@ -156,7 +156,7 @@ class SignalsAtBatchBoundary(Callback):
     - SIGUSR1 (only under Slurm with auto-requeue, where Lightning installed its handler): Lightning's handler saves
       the hpc checkpoint and requeues the job; run at once, it could save halfway through an optimizer step. In a
       wandb sweep the run is also marked as preempting, so the sweep hands it to an agent again.
-    - SIGTERM: last.ckpt is saved in `checkpoint_dir` (written under another name, then renamed) and the run stops
+    - SIGTERM: last.ckpt is saved in `checkpoint_dir` (atomically, by the Trainer's checkpoint writer) and the run stops
       with exit status 143 (128 + 15; see `stopped_by_signal`). Lightning alone stops with status 0, so a grid row
       or a script that checks the status took a stopped run for a finished one.
 
@@ -202,10 +202,9 @@ class SignalsAtBatchBoundary(Callback):
 
     def _save_last(self, trainer: Trainer) -> None:
         path = Path(self.checkpoint_dir) / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
-        tmp = path.with_name(f".{path.name}.sigterm.tmp")
-        trainer.save_checkpoint(tmp)  # collective under DDP; rank 0 writes
-        if trainer.is_global_zero:
-            os.replace(tmp, path)  # a kill during the save leaves the previous last.ckpt whole
+        # Collective under DDP; rank 0 writes, through the Trainer's AtomicCheckpointIO (support/run_directory.py),
+        # so a kill during the save leaves the previous last.ckpt whole.
+        trainer.save_checkpoint(path)
         warn(f"stopped by SIGTERM at epoch {trainer.current_epoch}, step {trainer.global_step}; saved {path}: "
              "resume with --ckpt_path last")
 

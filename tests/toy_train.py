@@ -23,6 +23,7 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint  # noqa: E402
 from toy import ToyClassifier, ToyData  # noqa: E402
 
 from support.resumable import ResumableTrainingData  # noqa: E402
+from support.run_directory import AtomicCheckpointIO  # noqa: E402
 from support.training import ResumeRNGState, SignalsAtBatchBoundary, stopped_by_signal  # noqa: E402
 
 
@@ -72,7 +73,8 @@ def fit(out: str, devices: int = 1, max_epochs: int = 3, save_at_step: int | Non
     callbacks += [RankDependentDraws()] if rank_draws else []
     trainer = pl.Trainer(max_epochs=max_epochs, accelerator="cpu", devices=devices,
                          strategy="ddp" if devices > 1 else "auto", callbacks=callbacks, logger=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=out)
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=out,
+                         plugins=[AtomicCheckpointIO()])  # as train.py's Trainer writes checkpoints
     trainer.fit(ToyClassifier(), ToyData(), ckpt_path=ckpt_path)
     return trainer
 
