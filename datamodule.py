@@ -4,6 +4,7 @@
     python datamodule.py --dataset mnist --data_dir /scratch/$USER/data       # on a login node, with internet
     python datamodule.py --dataset cifar10 --mirror http://mirror.example.org/datasets/{dataset}/
     python train.py --data.dataset=mnist --data.data_dir=/scratch/$USER/data    # then on any node, offline
+    python train.py --data.folds=5 --data.fold=2                  # 5-fold cross-validation, validating on fold 2
 
 The default dataset is embedded (scikit-learn's 1,797 handwritten 8x8 digits), so `python train.py` needs no
 network; MNIST, Fashion-MNIST and CIFAR-10 are downloaded. Each dataset is declared once, in DATASETS, and prepared
@@ -124,16 +125,22 @@ class DataModule(pl.LightningDataModule):
         data_dir: where prepared datasets live (shared between runs; use scratch space on a cluster).
         batch_size: samples per batch for every split.
         num_workers: DataLoader worker processes (0 is fastest for in-memory tensors).
-        val_fraction: fraction of the training data held out for validation.
+        val_fraction: fraction of the training data held out for validation (with folds > 1 it no longer sets the
+            validation size: validation is then one fold).
         test_fraction: fraction held out for testing when the dataset has no official test split.
         split_seed: seed of the splits, kept apart from the training seed so all runs share one test set.
         mirror: base URL to download every file from instead of the declared mirrors ({dataset} is replaced by
             the dataset's name); default: $DATA_MIRROR if set.
+        folds: K > 1 for K-fold cross-validation: all data outside the test split (which stays the same as with
+            folds=1) is cut into K near-equal folds in the seeded order; fold `fold` validates, the others train.
+            1 (default): the val_fraction split. Run every fold with `python train.py --data.folds=5 --data.fold=I`
+            for I = 0..4.
+        fold: which fold validates, 0..folds-1.
     """
 
     def __init__(self, dataset: str = "digits", data_dir: str = "data", batch_size: int = 64,
                  num_workers: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.15,
-                 split_seed: int = 0, mirror: str | None = None) -> None:
+                 split_seed: int = 0, mirror: str | None = None, folds: int = 1, fold: int = 0) -> None:
         super().__init__()
         self.spec = dataset_spec(dataset)
         if batch_size < 1:
@@ -142,6 +149,13 @@ class DataModule(pl.LightningDataModule):
             raise ValueError(f"num_workers must be at least 0 (0: load in the main process), got {num_workers}")
         if not (0 < val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
             raise ValueError(f"val_fraction={val_fraction} and test_fraction={test_fraction} must leave training data")
+        if folds < 1:
+            raise ValueError(f"folds={folds} must be at least 1: give --data.folds 1 (no cross-validation) or K > 1")
+        if folds == 1 and fold != 0:
+            raise ValueError(f"fold={fold} without folds: --data.fold needs --data.folds K > 1")
+        if not 0 <= fold < folds:
+            raise ValueError(f"fold={fold} is outside 0..{folds - 1} for folds={folds}: "
+                             f"give --data.fold between 0 and {folds - 1}")
         self.save_hyperparameters()  # stored in checkpoints, so a checkpoint knows its data
         self.splits: dict[str, ImageTensors] = {}
 
@@ -165,11 +179,22 @@ class DataModule(pl.LightningDataModule):
         data = load_prepared(path)
         order = torch.randperm(len(data["y"]), generator=torch.Generator().manual_seed(options.split_seed))
         n_val = round(len(order) * options.val_fraction)
-        if "x_test" in data:  # official test split: validation comes out of the training data
-            parts = {"val": order[:n_val], "train": order[n_val:]}
+        # With an official test split, validation comes out of the training data; without one, the test split is
+        # order[n_val:n_val + n_test] whatever the folds, and train and val share the rest (the pool).
+        n_test = 0 if "x_test" in data else round(len(order) * options.test_fraction)
+        pool = torch.cat([order[:n_val], order[n_val + n_test:]])
+        if options.folds == 1:
+            val, train = pool[:n_val], pool[n_val:]
+        elif options.folds > len(pool):
+            raise ValueError(f"folds={options.folds} is more than the {len(pool)} training and validation samples "
+                             f"of {options.dataset}: give --data.folds at most {len(pool)}")
         else:
-            n_test = round(len(order) * options.test_fraction)
-            parts = {"val": order[:n_val], "test": order[n_val:n_val + n_test], "train": order[n_val + n_test:]}
+            chunks = pool.tensor_split(options.folds)  # sizes differ by at most 1
+            val, train = chunks[options.fold], torch.cat(chunks[:options.fold] + chunks[options.fold + 1:])
+        if "x_test" in data:
+            parts = {"val": val, "train": train}
+        else:
+            parts = {"val": val, "test": order[n_val:n_val + n_test], "train": train}
         # Normalise with statistics of the training split only.
         train_x = data["x"][parts["train"]].float() / self.spec.max_value
         mean, std = train_x.mean(dim=(0, 2, 3)), train_x.std(dim=(0, 2, 3)).clamp_min(1e-6)

@@ -7,6 +7,9 @@
     python slurm_train.py --preset bede --account myproject  # cluster presets: hec, bede (check partition names)
     python slurm_train.py --resume runs/grid-20260101-120000-abc123   # resubmit only the rows not finished
     python slurm_train.py --local                            # no Slurm: the same rows as processes on this machine
+    python slurm_train.py --search --count 40 --max-concurrent 8   # the sweep's own method (bayes, hyperband) by 8
+                                                             # workers sharing runs/search-<time>-<random>/, no server
+    python sweep.py --status runs/search-20261202-140000-abc123    # a search's runs, best first, and status.png
 
 Everything comes from sweep.SWEEP_CONFIG (or --sweep-config FILE, JSON or YAML). Arguments after `--` are added to
 every row's train.py arguments. Each grid gets a new directory, runs/grid-<time>-<random>/, holding grid.json
@@ -14,6 +17,8 @@ every row's train.py arguments. Each grid gets a new directory, runs/grid-<time>
 row-<i>/ (that run's directory). A row is finished when row-<i>/done exists: the task writes it only after train.py
 exited 0, so a crashed, cancelled or preempted row is not finished and a requeued task resumes its own checkpoints.
 Every row is checked as train.py would check it (constructors included) before anything is written or submitted.
+A search (--search) writes search.json, job.sbatch (K workers, support/search_worker.py), worker-<i>.out, and per run
+run-NNNN.json (its record), run-NNNN.out and run-NNNN/; see README.md, "Offline search".
 """
 
 from __future__ import annotations
@@ -23,7 +28,6 @@ import json
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,6 +38,9 @@ from support.atomic import write_atomic
 from support.errors import one_line
 from support.local_rows import run_local
 from support.runs import tasks_devices_mismatch, timestamped_name
+from support.search_launch import extra_problem, new_search, render_search_script, unfinished_search
+from support.search_records import SEARCH_FILE
+from support.slurm_jobs import LaunchError, active_jobs, array_spec, sbatch_header, submit
 
 REPO_DIR = Path(__file__).resolve().parent
 # The one copy of the presets (`--dry-run` prints their #SBATCH lines). Partition names change: check `sinfo -s`.
@@ -48,17 +55,17 @@ SLURM_TIME = re.compile(r"\d+(:\d{1,2}){0,2}|\d+-\d{1,2}(:\d{1,2}){0,2}")  # sba
 RESOURCES = ["partition", "account", "nodes", "ntasks_per_node", "gpus_per_node", "cpus_per_task", "mem", "time"]
 
 
-class LaunchError(ValueError):
-    """A problem found before anything was written or submitted; the message is one line."""
-
-
 def load_sweep_config(path: str | None) -> dict[str, Any]:
     if path is None:
         return sweep.SWEEP_CONFIG
-    import yaml  # JSON is YAML too, so one parser reads both
+    import yaml
 
     try:
-        config = yaml.safe_load(Path(path).read_text())
+        text = Path(path).read_text()
+        try:  # JSON first: YAML 1.1 reads JSON's 1e-05 as the string "1e-05" (measured with PyYAML)
+            config = json.loads(text)
+        except ValueError:
+            config = yaml.safe_load(text)
     except OSError as err:
         raise LaunchError(f"--sweep-config {path}: {err.strerror}; give a JSON or YAML file") from None
     except yaml.YAMLError as err:
@@ -147,23 +154,7 @@ def resources(args: argparse.Namespace) -> dict[str, Any]:
 
 def render_script(grid_dir: Path, n: int, k: int, res: dict[str, Any], name: str) -> str:
     """The batch script: #SBATCH header from the resources, then the array task: read its row, run it, mark it."""
-    def line(option: str, comment: str = "") -> str:
-        return f"#SBATCH {option:<32}{'  # ' + comment if comment else ''}".rstrip()
-
-    gpus = res["gpus_per_node"]
-    header = [line(f"--job-name={name}"), line(f"--array=0-{n - 1}%{k}", f"{n} rows, at most {k} at a time")]
-    header += [line(f"--partition={res['partition']}", "check: `sinfo -s`")] if res.get("partition") else []
-    header += [line(f"--account={res['account']}")] if res.get("account") else []
-    header += [line(f"--nodes={res['nodes']}"),
-               line(f"--ntasks-per-node={res['ntasks_per_node']}", "= the Trainer's devices: one task per GPU")]
-    if gpus:
-        header.append(line(f"--gres=gpu:{gpus}" if res["gres"] else f"--gpus-per-node={gpus}"))
-    header += [line(f"--cpus-per-task={res['cpus_per_task']}", "data loading workers + the main process")]
-    header += [line(f"--mem={res['mem']}")] if res.get("mem") else []
-    header += [line(f"--time={res['time']}"),
-               line("--signal=SIGUSR1@90", "to train.py 90 s before the limit: Lightning checkpoints, requeues"),
-               line("--requeue"), line("--open-mode=append", "a requeued task appends to its log"),
-               line(f"--output={grid_dir}/row-%a.out", "one log per row")]
+    header = sbatch_header(name, f"0-{n - 1}%{k}", f"{n} rows, at most {k} at a time", res, f"{grid_dir}/row-%a.out")
     q = shlex.quote
     return f"""#!/usr/bin/env bash
 # Grid of {n} train.py runs, one array task per row of grid.json; written by slurm_train.py, which submitted it.
@@ -209,41 +200,40 @@ def unfinished(grid_dir: Path) -> list[int]:
     return [i for i in range(len(rows)) if not (grid_dir / f"row-{i}" / "done").exists()]
 
 
-def array_spec(indices: list[int], k: int) -> str:
-    """--array value: consecutive indices as ranges (0-80%4, 3,5,7%2, 0-2,9%2)."""
-    parts, start = [], None
-    for i, index in enumerate(indices):
-        start = index if start is None else start
-        if i + 1 == len(indices) or indices[i + 1] != index + 1:
-            parts.append(str(start) if start == index else f"{start}-{index}")
-            start = None
-    return f"{','.join(parts)}%{k}"
-
-
-def active_jobs(grid_dir: Path) -> list[str]:
-    """Jobs this grid submitted that Slurm still lists (a resume beside them would run rows twice)."""
-    jobs_file = grid_dir / "jobs.txt"
-    if not jobs_file.exists() or shutil.which("squeue") is None:
-        return []
-    # All queued jobs' array ids, filtered here: `squeue -j` fails outright once one of the ids is purged.
-    out = subprocess.run(["squeue", "-h", "-o", "%F"], capture_output=True, text=True)
-    return sorted(set(jobs_file.read_text().split()) & set(out.stdout.split()))
-
-
-def submit(grid_dir: Path, indices: list[int], k: int) -> str:
-    """One sbatch call for all the rows; returns the job id."""
-    result = subprocess.run(["sbatch", "--parsable", f"--array={array_spec(indices, k)}", str(grid_dir / "job.sbatch")],
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        raise LaunchError(f"sbatch failed: {' '.join(result.stderr.split())}")
-    job = result.stdout.strip().split(";")[0]
-    with open(grid_dir / "jobs.txt", "a") as f:
-        f.write(job + "\n")
-    return job
-
-
 def new_grid_dir(root: Path) -> Path:
     return root / timestamped_name("grid-")
+
+
+def start_search(args: argparse.Namespace, extra: list[str]) -> tuple[Path, list[int]]:
+    """Checks the sweep (a sample of its space with the appended arguments, as train.py would), then creates the
+    search directory and its K-worker script; returns it and the workers' indices (none for --dry-run)."""
+    if problem := extra_problem(extra):
+        raise LaunchError(problem)
+    config, k = load_sweep_config(args.sweep_config), args.max_concurrent
+    grid = config.get("method") == "grid"
+    res = resources(args)
+    check_rows(enumerate_rows(config, None if grid else min(args.count, 50), args.seed), extra, res)
+    search_dir = Path(args.runs_dir).resolve() / timestamped_name("search-")
+    if any(c.isspace() or c == "%" for c in str(search_dir)):  # #SBATCH --output cannot quote; % is a pattern
+        raise LaunchError(f"{search_dir}: a path with spaces or % cannot be a Slurm log path; use --runs-dir")
+    header = sbatch_header(args.job_name or "search", f"0-{k - 1}", f"{k} workers, one per array task", res,
+                           f"{search_dir}/worker-%a.out")
+    script = render_search_script(search_dir, header)
+    sweep_config = sweep.validate(config)
+    metric = sweep_config["metric"]
+    stopping = "hyperband stopping" if "early_terminate" in sweep_config else "no early stopping"
+    summary = (f"{config.get('method')} search of {args.count} runs by {k} workers, {metric['goal']} {metric['name']}, "
+               f"{stopping}; each run: train.py <proposed settings> {shlex.join(extra)}")
+    if args.dry_run:
+        print(f"{script}\n# {summary}\n# dry run: nothing written or submitted; the search directory would be "
+              f"{search_dir}")
+        return search_dir, []
+    if not args.local and shutil.which("sbatch") is None:
+        raise LaunchError("sbatch not found: no Slurm here; run the workers on this machine with --local")
+    new_search(search_dir, dict(sweep_config), args.count, args.seed, extra, args.heartbeat_timeout)
+    write_atomic(search_dir / "job.sbatch", script)
+    print(summary)
+    return search_dir, list(range(k))
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -252,14 +242,20 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(description="Run the sweep's configs as one Slurm job array (see the docstring).",
                                 usage="python slurm_train.py [options] [-- train.py arguments for every row]")
     p.add_argument("--sample", type=int, help="this many seeded random draws instead of the grid")
-    p.add_argument("--seed", type=int, default=0, help="with --sample: seed of the draws")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --sample draws or of the --search engine")
+    p.add_argument("--search", action="store_true", help="the sweep's own method (bayes, hyperband stopping) run by "
+                   "--max-concurrent workers that propose --count runs from the runs' records, without wandb's server")
+    p.add_argument("--count", type=int, help="with --search: how many runs in all")
+    p.add_argument("--heartbeat-timeout", type=float, default=600.0,
+                   help="with --search: seconds without a heartbeat after which a run on an unreachable node counts as "
+                        "crashed (default 600)")
     p.add_argument("--sweep-config", help="JSON/YAML file with a sweep config (default: sweep.SWEEP_CONFIG)")
     p.add_argument("--max-concurrent", type=int, default=4, help="array tasks (or --local processes) at once")
     p.add_argument("--dry-run", action="store_true", help="check, print the script and the runs; write nothing")
     p.add_argument("--local", action="store_true", help="no Slurm: run the rows as processes on this machine")
     p.add_argument("--resume", metavar="RUN_DIR", help="resubmit only the rows of RUN_DIR that did not finish")
     p.add_argument("--runs-dir", default="runs", help="where the grid directory is made (default: runs)")
-    p.add_argument("--job-name", default="grid")
+    p.add_argument("--job-name", help="default: grid, or search with --search")
     p.add_argument("--preset", choices=sorted(PRESETS), help="cluster defaults (partition names: check them)")
     p.add_argument("--partition")
     p.add_argument("--account")
@@ -270,7 +266,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--cpus-per-task", type=int, help=f"default {DEFAULTS['cpus_per_task']}")
     p.add_argument("--mem", help=f"memory per node (default {DEFAULTS['mem']})")
     args = p.parse_args(own)
-    for option in ("max_concurrent", "sample", "nodes", "gpus_per_node", "ntasks_per_node", "cpus_per_task"):
+    if args.search != (args.count is not None) or (args.search and args.sample is not None):
+        p.error("--search needs --count N (how many runs in all), and --count and --sample fit only one of them: "
+                "--search --count N (adaptive), or --sample N (random draws, no search)")
+    for option in ("max_concurrent", "count", "sample", "nodes", "gpus_per_node", "ntasks_per_node", "cpus_per_task"):
         lowest = 0 if option == "gpus_per_node" else 1
         if getattr(args, option) is not None and getattr(args, option) < lowest:
             p.error(f"--{option.replace('_', '-')} must be at least {lowest}, got {getattr(args, option)}")
@@ -280,7 +279,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     if runs_dir.exists() and not runs_dir.is_dir():
         p.error(f"--runs-dir {args.runs_dir} is a file; give a directory (it is created if missing)")
     if args.resume:
-        given = [f"--{k.replace('_', '-')}" for k in [*RESOURCES, "sample", "sweep_config", "preset"]
+        given = [f"--{k.replace('_', '-')}" for k in [*RESOURCES, "sample", "count", "sweep_config", "preset"]
                  if getattr(args, k) is not None]
         if given or extra:
             p.error(f"--resume reruns the grid as it was written: drop {' '.join(given) or '--'} "
@@ -295,19 +294,27 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.resume:
             grid_dir = Path(args.resume).resolve()
-            if not (grid_dir / "grid.json").is_file() or not (grid_dir / "job.sbatch").is_file():
-                raise LaunchError(f"{grid_dir} is not a grid directory (no grid.json / job.sbatch)")
-            indices = unfinished(grid_dir)
+            search = (grid_dir / SEARCH_FILE).is_file()
+            if not (search or (grid_dir / "grid.json").is_file()) or not (grid_dir / "job.sbatch").is_file():
+                raise LaunchError(f"{grid_dir} is neither a grid nor a search directory (no grid.json, search.json or "
+                                  "job.sbatch)")
+            indices = (list(range(k)) if unfinished_search(grid_dir) else []) if search else unfinished(grid_dir)
             if not indices:
-                print(f"every row of {grid_dir} has finished: nothing to resubmit")
+                print(f"every {'run' if search else 'row'} of {grid_dir} has finished: nothing to resubmit")
                 return 0
             if not args.local and (jobs := active_jobs(grid_dir)):
                 raise LaunchError(f"job(s) {', '.join(jobs)} of this grid are still queued or running: wait for "
                                   f"them or scancel them first, else rows would run twice")
-            print(f"{len(indices)} unfinished row(s): --array={array_spec(indices, k)}")
+            print(f"{k} new worker(s) for the search" if search else
+                  f"{len(indices)} unfinished row(s): --array={array_spec(indices, k)}")
             if args.dry_run:
                 print((grid_dir / "job.sbatch").read_text())
                 return 0
+        elif search := args.search:
+            grid_dir, indices = start_search(args, extra)
+            if not indices:
+                return 0  # a dry run
+            created = grid_dir
         else:
             config = load_sweep_config(args.sweep_config)
             rows = enumerate_rows(config, args.sample, args.seed)
@@ -317,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
             grid_dir = new_grid_dir(Path(args.runs_dir).resolve())
             if any(c.isspace() or c == "%" for c in str(grid_dir)):  # #SBATCH --output cannot quote; % is a pattern
                 raise LaunchError(f"{grid_dir}: a path with spaces or % cannot be a Slurm log path; use --runs-dir")
-            script = render_script(grid_dir, len(rows), k, res, args.job_name)
+            script = render_script(grid_dir, len(rows), k, res, args.job_name or "grid")
             argvs = [sweep.to_argv(row) + extra for row in rows]
             if args.dry_run:
                 print(script)
@@ -334,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
                     "sample": args.sample, "seed": args.seed, "extra": extra, "rows": table}
             write_atomic(grid_dir / "grid.json", json.dumps(grid, indent=1) + "\n")
             write_atomic(grid_dir / "job.sbatch", script)
+        what = f"{k} search worker(s)" if search else f"{len(indices)} row(s), at most {k} at a time"
         if args.local:
             from filelock import FileLock, Timeout
 
@@ -344,8 +352,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise LaunchError(f"the rows of {grid_dir} are already running on this machine (another "
                                   "slurm_train.py --local): wait for it to end, else rows would run twice") from None
             with lock:
-                print(f"run directory: {grid_dir}\nrunning {len(indices)} row(s) here, at most {k} at a time")
-                return run_local(grid_dir, indices, k)
+                print(f"run directory: {grid_dir}\nrunning {what} here")
+                return run_local(grid_dir, indices, k, "worker" if search else "row")
         if shutil.which("sbatch") is None:
             raise LaunchError("sbatch not found: no Slurm here; run the rows on this machine with --local")
         job = submit(grid_dir, indices, k)
@@ -354,10 +362,11 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(created, ignore_errors=True)  # nothing was submitted: leave no grid that looks queued
         print(f"error: {err}", file=sys.stderr)
         return 1
-    log = grid_dir / f"row-{indices[0]}.out"
-    print(f"submitted job {job}: {len(indices)} row(s), at most {k} at a time\nrun directory: {grid_dir}\n"
+    log = grid_dir / (f"worker-{indices[0]}.out" if search else f"row-{indices[0]}.out")
+    print(f"submitted job {job}: {what}\nrun directory: {grid_dir}\n"
           f"watch:  squeue -r -j {job}      logs:  tail -f {log}\n"
-          f"resume the rows that did not finish:  python slurm_train.py --resume {grid_dir}")
+          + (f"progress:  python sweep.py --status {grid_dir}" if search else
+             f"resume the rows that did not finish:  python slurm_train.py --resume {grid_dir}"))
     return 0
 
 

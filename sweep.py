@@ -5,6 +5,8 @@
     python sweep.py --entity me --project proj     # where (default WANDB_ENTITY / WANDB_PROJECT, else the clone's name)
     python sweep.py --list                         # every run of the grid as a train.py command, no server needed
     python sweep.py --list --samples 20 --seed 0   # 20 random draws instead, the same ones on every call
+    python slurm_train.py --search --count 40 --max-concurrent 8   # no wandb server: bayes, hyperband, offline
+    python sweep.py --status runs/search-20261202-140000-abc123     # that search's runs, best first; status.png
     ./run_sweep.sh ENTITY/PROJECT/SWEEP_ID [COUNT]                  # agents on this machine, one per GPU
     sbatch --array=0-19%4 sbatch_agent.sh ENTITY/PROJECT/SWEEP_ID   # 20 agent tasks on SLURM, 4 at a time
 
@@ -328,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="print each run's train.py command (grid, or --samples)")
     parser.add_argument("--samples", type=int, help="with --list: this many random draws instead of the grid")
     parser.add_argument("--seed", type=int, default=0, help="with --samples: seed of the draws")
+    parser.add_argument("--status", metavar="SEARCH_DIR",
+                        help="the runs of an offline search (slurm_train.py --search), best first, and a plot")
     parser.add_argument("--check-agent", action="store_true",
                         help="exit 1 with one line if a wandb agent cannot work here (used by the agent scripts)")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the wandb server")
@@ -335,6 +339,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.samples is not None and args.samples < 1:
         parser.error(f"--samples must be at least 1, got {args.samples} (leave it out for the whole grid)")
 
+    if args.status:
+        from support.search_status import show_status
+
+        return show_status(Path(args.status))
     if args.check_agent:
         if problem := agent_problem(args.timeout):
             print(f"error: {problem}", file=sys.stderr)
@@ -363,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"created sweep {path}")
     print(f"Agents on this machine, one per GPU:  ./run_sweep.sh {path} [COUNT]\n"
           f"Agents on SLURM, {size}, 4 at a time:  sbatch --array=0-{size - 1}%4 sbatch_agent.sh {path}\n"
-          "Without a wandb server:  python sweep.py --list  (the same runs, as train.py commands)")
+          "Without a wandb server:  python slurm_train.py --search --count 20  (the same search, from run records)")
     return 0
 
 

@@ -1,5 +1,6 @@
-"""slurm_train.py --local: a grid's rows as processes of this machine, each running the grid's job.sbatch (same run
-directories and done markers as under Slurm), at most k at a time, one per visible GPU."""
+"""slurm_train.py --local: a grid's rows (or a search's workers) as processes of this machine, each running the
+directory's job.sbatch (same run directories, markers and records as under Slurm), at most k at a time, one per
+visible GPU."""
 
 from __future__ import annotations
 
@@ -18,9 +19,14 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
-def run_local(grid_dir: Path, indices: list[int], k: int) -> int:
-    """The rows as processes here running job.sbatch (same run directories and done markers): at most k at a time on
-    CPU, one per visible GPU, pinned by CUDA_VISIBLE_DEVICES; without SLURM_*, so no srun step (it gets all GPUs)."""
+# The variable job.sbatch reads its array index from when it runs outside Slurm.
+TASK_VARIABLE = {"row": "GRID_ROW", "worker": "SEARCH_WORKER"}
+
+
+def run_local(grid_dir: Path, indices: list[int], k: int, label: str = "row") -> int:
+    """The rows (label "row") or search workers ("worker") as processes here running job.sbatch: at most k at a time
+    on CPU, one per visible GPU, pinned by CUDA_VISIBLE_DEVICES; without SLURM_*, so no srun step (it gets all GPUs).
+    Each writes <label>-<i>.out in grid_dir."""
     gpus = visible_gpus()
     slots: list[str | None] = list(gpus[:k]) if gpus else [None] * k
     pending, running, failed = list(indices), {}, []  # running: process -> (row, slot)
@@ -28,21 +34,23 @@ def run_local(grid_dir: Path, indices: list[int], k: int) -> int:
         while pending and len(running) < len(slots):
             slot = next(s for s in range(len(slots)) if s not in {sl for _, sl in running.values()})
             row = pending.pop(0)
-            env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}, "GRID_ROW": str(row)}
+            env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+            env[TASK_VARIABLE[label]] = str(row)
             if slots[slot] is not None:
                 env["CUDA_VISIBLE_DEVICES"] = str(slots[slot])
-            with open(grid_dir / f"row-{row}.out", "a") as log:
+            with open(grid_dir / f"{label}-{row}.out", "a") as log:
                 proc = subprocess.Popen(["bash", str(grid_dir / "job.sbatch")], stdout=log, stderr=subprocess.STDOUT,
                                         env=env)
             running[proc] = (row, slot)
-            print(f"row {row} started (log {grid_dir}/row-{row}.out)", flush=True)
+            print(f"{label} {row} started (log {grid_dir}/{label}-{row}.out)", flush=True)
         time.sleep(0.2)
         for proc in [p for p in running if p.poll() is not None]:
             row, _ = running.pop(proc)
-            print(f"row {row} {'finished' if proc.returncode == 0 else f'FAILED (exit {proc.returncode})'}", flush=True)
+            ended = "finished" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
+            print(f"{label} {row} {ended}", flush=True)
             if proc.returncode != 0:
                 failed.append(row)
     if failed:
-        print(f"{len(failed)} row(s) failed: {', '.join(map(str, sorted(failed)))}; see their row-<i>.out. "
+        print(f"{len(failed)} {label}(s) failed: {', '.join(map(str, sorted(failed)))}; see their {label}-<i>.out. "
               f"Rerun them: python slurm_train.py --local --resume {grid_dir}", file=sys.stderr)
     return 1 if failed else 0

@@ -32,6 +32,8 @@ from support.resumable import ExactEpochMeans, ResumableTrainingData
 from support.rng_state import ResumeRNGState
 from support.run_directory import CONFIG_FILE, record_config, rerunnable
 from support.runs import wandb_run_id
+from support.search_records import RECORD_ENV
+from support.search_report import SearchReport
 from support.wandb_access import choose_mode, default_project
 
 REPO_DIR = Path(__file__).resolve().parent.parent
@@ -81,6 +83,7 @@ class WandbOptions:
     entity: str | None = None
     name: str | None = None
     tags: list[str] = field(default_factory=list)
+    group: str | None = None  # runs shown together (an offline search puts its runs in the search's group)
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: WANDB_MODE, else online iff logged in
     init_timeout: float = 60.0  # seconds to wait for the server before falling back to offline
 
@@ -88,12 +91,15 @@ class WandbOptions:
 def wandb_logger(options: WandbOptions, run_dir: Path) -> FallbackWandbLogger:
     """The run's wandb logger: online when there are credentials and the server answers, else offline (one warning
     saying why); the run id kept in the run directory, so a resumed run continues the same wandb run."""
+    if os.environ.get("WANDB_MODE") == "":  # wandb's own settings reject an empty one ("1 validation error")
+        os.environ.pop("WANDB_MODE")
     mode, problem = choose_mode(options.mode, options.init_timeout)
     if problem:
         warn(f"wandb: {problem}; logging offline into {run_dir}/wandb instead. Upload later with "
              f"`wandb sync {run_dir}/wandb/offline-run-*`.")
     return FallbackWandbLogger(
         project=options.project, entity=options.entity, name=options.name or run_dir.name, tags=options.tags or None,
+        group=options.group,
         save_dir=str(run_dir), id=wandb_run_id(run_dir), resume="allow", mode=mode,
         settings=init_settings(options.init_timeout))
 
@@ -263,6 +269,8 @@ def machinery_callbacks(checkpoint_dir: str, monitors: dict[str, str | None], pr
     metrics, and progress for a terminal (Lightning's bar) or a log file (plain lines)."""
     callbacks = [ResumeRNGState(), SignalsAtBatchBoundary(checkpoint_dir), ResumableTrainingData(), ExactEpochMeans(),
                  LatestCheckpoint(checkpoint_dir), MonitoredMetricCheck(monitors)]
+    if record := os.environ.get(RECORD_ENV):  # a run of an offline search (support/search_worker.py)
+        callbacks.append(SearchReport(Path(record)))
     if progress:
         callbacks.append(TQDMProgressBar() if sys.stdout.isatty() else LogLineProgress())
     return callbacks

@@ -183,3 +183,91 @@ def test_offline_prepare_and_train_with_no_server_at_all(monkeypatch, tmp_path: 
                                   "--trainer.max_epochs=1",
                                   "--trainer.limit_train_batches=5", "--trainer.limit_val_batches=2"])
     assert 0 <= results["test/acc"] <= 1
+
+
+def numbered(n: int) -> dict[str, torch.Tensor]:
+    """n samples whose 1x1x2 image spells their own index, so the tests can tell every sample apart."""
+    index = torch.arange(n)
+    return {"x": torch.stack([index // 256, index % 256], dim=1).to(torch.uint8).view(n, 1, 1, 2),
+            "y": index % 10}
+
+
+def build_numbered(_raw: Path) -> dict[str, torch.Tensor]:
+    return numbered(103)  # no official test split; 103 leaves folds of unequal sizes
+
+
+def build_numbered_with_test(_raw: Path) -> dict[str, torch.Tensor]:
+    test = numbered(20)
+    return {**numbered(103), "x_test": test["x"], "y_test": test["y"]}
+
+
+def sample_ids(dm: datamodule.DataModule, split: str) -> list[int]:
+    images = dm.splits[split].images.long()
+    return (images[:, 0, 0, 0] * 256 + images[:, 0, 0, 1]).tolist()
+
+
+def set_up(**kwargs) -> datamodule.DataModule:
+    dm = data_module(**kwargs)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def test_one_fold_is_todays_split_and_every_fold_keeps_its_test_split():
+    today = set_up()
+    assert (today.hparams.folds, today.hparams.fold) == (1, 0)  # recorded in checkpoints
+    one_fold = set_up(folds=1, fold=0)
+    for split in ("train", "val", "test"):
+        a, b = today.splits[split], one_fold.splits[split]
+        assert all(torch.equal(x, y) for x, y in ((a.images, b.images), (a.labels, b.labels), (a.mean, b.mean),
+                                                  (a.std, b.std))), split
+    for fold in range(5):
+        dm = set_up(folds=5, fold=fold)
+        assert torch.equal(dm.splits["test"].images, today.splits["test"].images)
+        assert torch.equal(dm.splits["test"].labels, today.splits["test"].labels)
+
+
+@pytest.mark.parametrize("build", [build_numbered, build_numbered_with_test])
+def test_folds_partition_everything_but_the_test_split(monkeypatch, tmp_path: Path, build):
+    monkeypatch.setitem(datamodule.DATASETS, "test_numbered", datamodule.DatasetSpec(1, 10, 255, build))
+    options = dict(dataset="test_numbered", data_dir=str(tmp_path))
+    test = sample_ids(set_up(**options), "test")
+    folds = [set_up(**options, folds=5, fold=fold) for fold in range(5)]
+    pool = set(range(103)) if build is build_numbered_with_test else set(range(103)) - set(test)
+    val_folds = [sample_ids(dm, "val") for dm in folds]
+    assert sorted(sum(val_folds, [])) == sorted(pool)  # each sample of the pool validates exactly once
+    assert max(map(len, val_folds)) - min(map(len, val_folds)) <= 1
+    for dm, val in zip(folds, val_folds, strict=True):
+        train = sample_ids(dm, "train")
+        assert sample_ids(dm, "test") == test
+        assert not set(train) & set(val) and sorted(train + val) == sorted(pool)
+        train_x = dm.splits["train"].images.float() / 255  # normalised with the training split's statistics only
+        assert torch.allclose(dm.splits["val"].mean.flatten(), train_x.mean(dim=(0, 2, 3)))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(folds=0), r"folds=0 must be at least 1: give --data.folds 1"),
+    (dict(folds=5, fold=5), r"fold=5 is outside 0..4 for folds=5: give --data.fold between 0 and 4"),
+    (dict(folds=3, fold=-1), r"fold=-1 is outside 0..2 for folds=3"),
+    (dict(fold=2), r"--data.fold needs --data.folds K > 1"),
+])
+def test_bad_folds_are_named(kwargs: dict, message: str):
+    with pytest.raises(ValueError, match=message):
+        data_module(**kwargs)
+
+
+def test_more_folds_than_samples_is_named_in_setup(monkeypatch, tmp_path: Path):
+    monkeypatch.setitem(datamodule.DATASETS, "test_numbered", datamodule.DatasetSpec(1, 10, 255, build_numbered))
+    options = dict(dataset="test_numbered", data_dir=str(tmp_path))
+    dm = data_module(**options, folds=200)
+    with pytest.raises(ValueError, match=r"folds=200 is more than the 88 training and validation samples of "
+                                         r"test_numbered: give --data.folds at most 88"):
+        dm.setup("fit")
+    assert len(set_up(**options, folds=88, fold=87).splits["val"]) == 1  # leave-one-out is the most there is
+
+
+def test_train_py_takes_folds():
+    parsed = train.parse_config(["--data.folds=3", "--data.fold=1"])
+    assert (parsed.data.folds, parsed.data.fold) == (3, 1)
+    with pytest.raises(ValueError, match="--data.fold needs --data.folds K > 1"):  # caught before anything runs
+        train.parse_config(["--data.fold=1"])

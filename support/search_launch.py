@@ -1,0 +1,55 @@
+"""slurm_train.py --search: the search directory's settings and its batch script (K workers, one array task each).
+The workers are support/search_worker.py; the records they share, support/search_records.py."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from support.search_records import IN_FLIGHT, create_search, load_search, read_records
+
+REPO_DIR = Path(__file__).resolve().parent.parent
+# The worker sets these for every run; given after `--` they would break a run's place in the search.
+WORKER_ARGUMENTS = ("--run_dir", "--ckpt_path", "--wandb.group")
+
+
+def extra_problem(extra: list[str]) -> str | None:
+    given = [arg.split("=")[0] for arg in extra if arg.split("=")[0] in WORKER_ARGUMENTS]
+    if given:
+        return (f"{', '.join(given)} after -- cannot be given to a search: each run gets its own directory in the "
+                "search directory, its checkpoint and its wandb group from the worker")
+    return None
+
+
+def new_search(search_dir: Path, sweep: dict[str, Any], count: int, seed: int, extra: list[str],
+               heartbeat_timeout: float, program: list[str] | None = None) -> None:
+    """Creates the search directory with search.json: what every worker reads, never changed afterwards. `program`
+    (default: this interpreter and train.py) is what each run runs, with the run's --key=value settings."""
+    create_search(search_dir, {
+        "name": search_dir.name, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "sweep": sweep, "count": count,
+        "seed": seed, "extra": extra, "heartbeat_timeout": heartbeat_timeout,
+        # The interpreter that checked the settings (jobs inherit the submitting shell's environment).
+        "program": program or [sys.executable, str(REPO_DIR / "train.py")]})
+
+
+def render_search_script(search_dir: Path, header: list[str]) -> str:
+    q = shlex.quote
+    return f"""#!/usr/bin/env bash
+# Offline search: workers sharing {q(str(search_dir))}, one array task each; written by slurm_train.py --search.
+#   python sweep.py --status {q(str(search_dir))}      # the runs so far, best first, and status.png
+#   python slurm_train.py --resume {q(str(search_dir))}   # new workers, if the workers ended before the search
+{chr(10).join(header)}
+set -euo pipefail
+worker=${{SEARCH_WORKER:-${{SLURM_ARRAY_TASK_ID:?submit with sbatch, or run: python slurm_train.py --search --local}}}}
+export PYTHONPATH={q(str(REPO_DIR))}${{PYTHONPATH:+:$PYTHONPATH}}
+exec {q(sys.executable)} -m support.search_worker {q(str(search_dir))} --worker "$worker"
+"""
+
+
+def unfinished_search(search_dir: Path) -> bool:
+    """Whether a search still has runs to make or runs in flight (resume would start workers for it)."""
+    records = read_records(search_dir)
+    return len(records) < load_search(search_dir)["count"] or any(r["state"] in IN_FLIGHT for r in records)

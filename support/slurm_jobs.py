@@ -1,0 +1,69 @@
+"""Slurm job arrays as slurm_train.py writes and submits them: the #SBATCH header, the --array value, one sbatch
+call, and which of a directory's jobs Slurm still lists. Light on purpose (no torch): used before anything heavy."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+
+class LaunchError(ValueError):
+    """A problem found before anything was written or submitted; the message is one line."""
+
+
+def sbatch_header(name: str, array: str, comment: str, res: dict[str, Any], log: str) -> list[str]:
+    """The #SBATCH lines of a job array: its resources, Slurm's requeue signal, one log per array task."""
+    def line(option: str, comment: str = "") -> str:
+        return f"#SBATCH {option:<32}{'  # ' + comment if comment else ''}".rstrip()
+
+    gpus = res["gpus_per_node"]
+    header = [line(f"--job-name={name}"), line(f"--array={array}", comment)]
+    header += [line(f"--partition={res['partition']}", "check: `sinfo -s`")] if res.get("partition") else []
+    header += [line(f"--account={res['account']}")] if res.get("account") else []
+    header += [line(f"--nodes={res['nodes']}"),
+               line(f"--ntasks-per-node={res['ntasks_per_node']}", "= the Trainer's devices: one task per GPU")]
+    if gpus:
+        header.append(line(f"--gres=gpu:{gpus}" if res["gres"] else f"--gpus-per-node={gpus}"))
+    header += [line(f"--cpus-per-task={res['cpus_per_task']}", "data loading workers + the main process")]
+    header += [line(f"--mem={res['mem']}")] if res.get("mem") else []
+    return header + [line(f"--time={res['time']}"),
+                     line("--signal=SIGUSR1@90", "to train.py 90 s before the limit: Lightning checkpoints, requeues"),
+                     line("--requeue"), line("--open-mode=append", "a requeued task appends to its log"),
+                     line(f"--output={log}", "one log per array task")]
+
+
+def array_spec(indices: list[int], k: int) -> str:
+    """--array value: consecutive indices as ranges (0-80%4, 3,5,7%2, 0-2,9%2)."""
+    parts, start = [], None
+    for i, index in enumerate(indices):
+        start = index if start is None else start
+        if i + 1 == len(indices) or indices[i + 1] != index + 1:
+            parts.append(str(start) if start == index else f"{start}-{index}")
+            start = None
+    return f"{','.join(parts)}%{k}"
+
+
+def active_jobs(grid_dir: Path) -> list[str]:
+    """Jobs this grid submitted that Slurm still lists (a resume beside them would run rows twice)."""
+    jobs_file = grid_dir / "jobs.txt"
+    if not jobs_file.exists() or shutil.which("squeue") is None:
+        return []
+    # All queued jobs' array ids, filtered here: `squeue -j` fails outright once one of the ids is purged.
+    out = subprocess.run(["squeue", "-h", "-o", "%F"], capture_output=True, text=True)
+    return sorted(set(jobs_file.read_text().split()) & set(out.stdout.split()))
+
+
+def submit(grid_dir: Path, indices: list[int], k: int) -> str:
+    """One sbatch call for all the rows; returns the job id."""
+    result = subprocess.run(["sbatch", "--parsable", f"--array={array_spec(indices, k)}", str(grid_dir / "job.sbatch")],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise LaunchError(f"sbatch failed: {' '.join(result.stderr.split())}")
+    job = result.stdout.strip().split(";")[0]
+    with open(grid_dir / "jobs.txt", "a") as f:
+        f.write(job + "\n")
+    return job
+
+
