@@ -11,10 +11,11 @@ corruption loses the search. A proposal reads every record, asks `sweeps.next_ru
 under a lock that works where flock does not (NFS, Lustre without -o flock): filelock's SoftFileLease, an exclusively
 created marker that a peer takes over when its holder died on this host or stopped refreshing it for a minute.
 
-States: running (its worker trains it), preempted (stopped by a signal: Slurm requeue, time limit, scancel; in flight,
-resumed by its worker or the next worker of a resumed search), finished, stopped (finished early by hyperband),
-failed (train.py exited non-zero) and crashed (its worker vanished: no heartbeat for heartbeat_timeout seconds and no
-Slurm job that could bring it back). The engine sees stopped as finished and imputes crashed and failed as bad results.
+States: running (its worker trains it), preempted (stopped by a signal: Slurm requeue, time limit, scancel; resumed
+by its requeued task, or by any worker once its owner is gone: a resumed search), finished, stopped (finished early
+by hyperband), failed (train.py exited non-zero) and crashed (its worker vanished without a word: its process is
+gone, its Slurm task left the queue, or, where neither can be checked, no heartbeat for heartbeat_timeout seconds).
+The engine sees stopped as finished, preempted as in flight, and imputes crashed and failed as bad results.
 Light on purpose (no torch): sweep.py --status runs on login nodes.
 """
 
@@ -37,7 +38,7 @@ from support.atomic import write_atomic
 
 SEARCH_FILE, LOCK_FILE = "search.json", "search.lock"
 RECORD_ENV = "SEARCH_RUN_RECORD"  # the record of the run train.py is training (set by the worker)
-IN_FLIGHT, DONE = ("running", "preempted"), ("finished", "stopped", "failed", "crashed")
+IN_FLIGHT = ("running", "preempted")
 ENGINE_STATE = {"running": "running", "preempted": "preempted", "finished": "finished", "stopped": "finished",
                 "failed": "failed", "crashed": "crashed"}
 HEARTBEAT_SECONDS = 30.0  # how often a worker refreshes its run's record; heartbeat_timeout is 20x this by default
@@ -138,13 +139,17 @@ def owner_alive(owner: dict[str, Any], queued: set[str] | None) -> bool | None:
     return None
 
 
-def effective_state(record: dict[str, Any], timeout: float, queued: set[str] | None, now: float) -> str:
-    """The record's state, with a vanished owner's in-flight run seen as crashed: its process is gone (this host), its
-    Slurm task has left the queue, or (where neither can be checked) its heartbeat is older than `timeout`."""
-    if record["state"] not in IN_FLIGHT:
-        return record["state"]
+def owner_gone(record: dict[str, Any], timeout: float, queued: set[str] | None, now: float) -> bool:
+    """Whether the run's owner can no longer finish it: its process is gone (this host), its Slurm task has left the
+    queue, or (where neither can be checked) its heartbeat is older than `timeout`."""
     alive = owner_alive(record["owner"], queued)
-    if alive is False or (alive is None and now - record["heartbeat"] > timeout):
+    return alive is False or (alive is None and now - record["heartbeat"] > timeout)
+
+
+def effective_state(record: dict[str, Any], timeout: float, queued: set[str] | None, now: float) -> str:
+    """The record's state, with a running run whose owner vanished without a word seen as crashed. A preempted run
+    stays preempted: it stopped cleanly with a checkpoint, and the next worker (or a resumed search) continues it."""
+    if record["state"] == "running" and owner_gone(record, timeout, queued, now):
         return "crashed"
     return record["state"]
 
@@ -205,7 +210,7 @@ def mark_vanished(search_dir: Path, records: list[dict[str, Any]], timeout: floa
     """Rewrites the records of runs whose owner vanished as crashed (in place, in `records` too)."""
     now = time.time()
     for record in records:
-        if record["state"] in IN_FLIGHT and effective_state(record, timeout, queued, now) == "crashed":
+        if record["state"] == "running" and effective_state(record, timeout, queued, now) == "crashed":
             record.update(state="crashed", ended=now, note="its worker vanished (no process, job or heartbeat)")
             write_record(search_dir, record)
 
@@ -221,7 +226,9 @@ def claim_or_propose(search_dir: Path, owner: dict[str, Any]) -> dict[str, Any] 
         queued = queued_slurm_tasks() if slurm_owners else None
         mark_vanished(search_dir, records, search["heartbeat_timeout"], queued)
         own = [r for r in records if r["state"] in (*IN_FLIGHT, "crashed") and is_own(r, owner)]
-        orphans = [r for r in records if r["state"] == "preempted" and owner_alive(r["owner"], queued) is False]
+        now = time.time()
+        orphans = [r for r in records if r["state"] == "preempted"
+                   and owner_gone(r, search["heartbeat_timeout"], queued, now)]
         if own or orphans:
             record = (own or orphans)[0]
             record.update(state="running", owner=owner, attempts=record["attempts"] + 1, ended=None)
@@ -268,6 +275,9 @@ def report_epoch(path: Path, epoch: int, value: float) -> bool:
     search = load_search(path.parent)
     metric, goal = search["sweep"]["metric"]["name"], search["sweep"]["metric"]["goal"]
     record = read_record(path)
+    # An epoch run again after a resume (stopped between this report and its checkpoint) replaces its first report:
+    # hyperband counts one iteration per entry.
+    record["history"] = [entry for entry in record["history"] if entry.get("epoch") != epoch]
     record["history"].append({"epoch": epoch, metric: value})
     record["best"] = best_value(record["history"], metric, goal)
     if "early_terminate" not in search["sweep"]:

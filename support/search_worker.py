@@ -80,7 +80,7 @@ class Worker:
         self.child: subprocess.Popen[bytes] | None = None
         self.terminated = False
 
-    def on_sigterm(self, signum: int, frame: Any) -> None:
+    def on_stop_signal(self, signum: int, frame: Any) -> None:
         """Slurm's requeue, time limit or scancel (or a user's kill): pass it on to train.py, which saves last.ckpt;
         the run is recorded as preempted once it has stopped."""
         self.terminated = True
@@ -130,7 +130,8 @@ class Worker:
               flush=True)
 
     def run(self) -> int:
-        signal.signal(signal.SIGTERM, self.on_sigterm)
+        signal.signal(signal.SIGTERM, self.on_stop_signal)
+        signal.signal(signal.SIGINT, self.on_stop_signal)  # Ctrl-C on slurm_train.py --local: the same clean stop
         done = 0
         while not self.terminated:
             record = claim_or_propose(self.search_dir, self.owner)

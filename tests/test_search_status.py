@@ -93,7 +93,7 @@ def test_header_counts_and_stopped_early_wording(tmp_path: Path):
     assert states == {1: "finished", 2: "finished", 3: "stopped early", 4: "running", 5: "failed", 6: "crashed"}
 
 
-def test_in_flight_runs_whose_owner_vanished_show_as_crashed(tmp_path: Path):
+def test_running_runs_whose_owner_vanished_show_as_crashed(tmp_path: Path):
     lr, hour_ago = {"optimizer.lr": 0.1}, time.time() - 3600
     records = [run(1, lr, [0.5], state="running", run_owner=owner(alive=True)),
                run(2, lr, [0.5], state="running", run_owner=owner(alive=False)),
@@ -104,7 +104,8 @@ def test_in_flight_runs_whose_owner_vanished_show_as_crashed(tmp_path: Path):
     search_dir = make_search(tmp_path / "search", records)
     os.utime(search_dir / "run-0005.json", (hour_ago, hour_ago))  # the worker's heartbeat is the file's time
     states = {int(row[0]): row[1] for row in run_table(status_lines(search_dir))}
-    assert states == {1: "running", 2: "crashed", 3: "crashed", 4: "running", 5: "crashed", 6: "running"}
+    # a preempted run stopped cleanly with a checkpoint: whoever resumes the search continues it
+    assert states == {1: "running", 2: "crashed", 3: "preempted", 4: "running", 5: "crashed", 6: "running"}
 
 
 def test_varying_settings_are_columns_and_constant_ones_a_header_line(tmp_path: Path):
