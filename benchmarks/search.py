@@ -1,6 +1,6 @@
 """How long does an offline search (support/search_records.py) take to propose a run as its records pile up?
 
-    python benchmarks/search.py          # ~25 s on 2 CPU cores
+    python benchmarks/search.py          # ~30 s on 2 CPU cores
 
 A bayes search over 4 parameters (like sweep.py's SWEEP_CONFIG, with distributions) is timed with 10, 100 and 500
 finished records in its directory (random settings, 20 epochs of val/loss each), and a random search with 500 as the
@@ -14,7 +14,6 @@ baseline, in the same run. Each number is the median of 5 calls after one warm-u
 Contention: 4 processes (spawned and warmed up, then released together) propose 10 runs each against one bayes search
 that starts at 100 records; each marks its run finished before its next proposal (else it would get its own running
 run back), so the search ends at 140. Reported: wall time of all 40, and the mean wait in the lock's acquire.
-sklearn's ConvergenceWarnings from the engine's Gaussian process are silenced here (a worker's log shows them).
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,7 +38,6 @@ from support import search_records  # noqa: E402
 from support.search_launch import new_search  # noqa: E402
 from support.search_records import claim_or_propose, load_search, propose, read_records, record_path, write_record  # noqa: E402
 
-warnings.filterwarnings("ignore", module=r"sklearn\.")
 PARAMETERS = {"model.hidden_dim": {"values": [64, 128, 256]},
               "model.dropout": {"distribution": "uniform", "min": 0.0, "max": 0.5},
               "optimizer.lr": {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-1},
@@ -79,8 +76,8 @@ def finish(search_dir: Path, record: dict[str, Any], rng: random.Random, epochs:
     write_record(search_dir, record)
 
 
-def make_search(root: Path, method: str, records: int) -> Path:
-    search_dir = root / f"{method}-{records}"
+def make_search(root: Path, method: str, records: int, name: str = "") -> Path:
+    search_dir = root / (name or f"{method}-{records}")
     new_search(search_dir, {"method": method, "metric": METRIC, "parameters": PARAMETERS}, count=1_000_000, seed=0,
                extra=[], heartbeat_timeout=600.0, program=["true"])
     rng = random.Random(records)
@@ -120,14 +117,15 @@ def measure(search_dir: Path) -> dict[str, float]:
             pass
 
     return {"proposal": statistics.median(proposals), "read": median_seconds(lambda: read_records(search_dir)),
-            "engine": median_seconds(lambda: propose(search, records)), "lock": median_seconds(lock_alone, 20),
-            "hold": statistics.median(holds)}
+            "engine": median_seconds(lambda: propose(search, records, len(records) + 1)),
+            "lock": median_seconds(lock_alone, 20), "hold": statistics.median(holds)}
 
 
 def contend(search_dir: Path, worker: int, barrier: Any, results: Any) -> None:
-    propose(load_search(search_dir), read_records(search_dir))  # warm-up: imports the engine
+    records = read_records(search_dir)
+    propose(load_search(search_dir), records, len(records) + 1)  # warm-up: imports the engine
     rng, waits = random.Random(worker), []
-    barrier.wait()
+    barrier.wait(timeout=120)
     for _ in range(PROPOSALS_EACH):
         LOCK_TIMES.clear()
         record = claim_or_propose(search_dir, owner(worker))
@@ -144,9 +142,9 @@ def contention(search_dir: Path) -> tuple[float, float, int]:
     workers = [context.Process(target=contend, args=(search_dir, w, barrier, results)) for w in range(WORKERS)]
     for process in workers:
         process.start()
-    barrier.wait()
+    barrier.wait(timeout=120)  # a worker that failed while warming up breaks it
     start = time.perf_counter()
-    waits = [wait for _ in workers for wait in results.get(timeout=300)]
+    waits = [wait for _ in workers for wait in results.get(timeout=120)]
     wall = time.perf_counter() - start
     for process in workers:
         process.join()
@@ -158,16 +156,16 @@ def main() -> None:
     cases = [("bayes", 10), ("bayes", 100), ("bayes", 500), ("random", 500)]
     with tempfile.TemporaryDirectory() as tmp:
         results = {case: measure(make_search(Path(tmp), *case)) for case in cases}
-        wall, wait, final = contention(make_search(Path(tmp), "bayes-contended", 100))
+        wall, wait, final = contention(make_search(Path(tmp), "bayes", 100, "contended"))
     print(f"seconds, median of {REPEATS} (lock: of 20); hold = lock held during the proposal (read + engine + write)")
     print(f"{'method':<8}{'records':>8}{'proposal':>10}{'read':>8}{'engine':>8}{'lock':>8}{'hold':>8}{'outside':>9}")
     for (method, count), r in results.items():
-        print(f"{method:<8}{count:>8}{r['proposal']:>10.3f}{r['read']:>8.3f}{r['engine']:>8.3f}{r['lock']:>8.4f}"
+        print(f"{method:<8}{count:>8}{r['proposal']:>10.3f}{r['read']:>8.4f}{r['engine']:>8.3f}{r['lock']:>8.4f}"
               f"{r['hold']:>8.3f}{r['proposal'] - r['hold']:>9.3f}")
     total = WORKERS * PROPOSALS_EACH
     serial = results[("bayes", 100)]["proposal"] * total
     print(f"contention: {WORKERS} processes x {PROPOSALS_EACH} bayes proposals from 100 records (to {final}): "
-          f"{wall:.2f} s wall ({wall / serial:.2f}x {total} serial proposals at 100 records, {serial:.2f} s), "
+          f"{wall:.2f} s wall\n  ({wall / serial:.2f}x {total} serial proposals at 100 records, {serial:.2f} s), "
           f"mean wait in acquire {wait:.3f} s per proposal")
     bayes, baseline = results[("bayes", 500)]["proposal"], results[("random", 500)]["proposal"]
     print(f"bayes / random proposal at 500 records = {bayes / baseline:.2f}  ({bayes:.3f} s / {baseline:.3f} s)")

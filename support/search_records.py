@@ -77,6 +77,11 @@ def read_record(path: Path) -> dict[str, Any]:
     return record
 
 
+def record_numbers(search_dir: Path) -> list[int]:
+    """The numbers of all runs, from the records' names: a record that cannot be read still holds its number."""
+    return sorted(int(path.stem.removeprefix("run-")) for path in search_dir.glob("run-[0-9]*.json"))
+
+
 def read_records(search_dir: Path) -> list[dict[str, Any]]:
     """Every record, by run number. One that cannot be read (a damaged disk, a file edited by hand) is skipped with a
     warning: the others are complete on their own."""
@@ -234,21 +239,22 @@ def claim_or_propose(search_dir: Path, owner: dict[str, Any]) -> dict[str, Any] 
             record.update(state="running", owner=owner, attempts=record["attempts"] + 1, ended=None)
             write_record(search_dir, record)
             return record
-        if len(records) >= search["count"]:
+        numbers = record_numbers(search_dir)
+        if len(numbers) >= search["count"]:
             return None
-        record = propose(search, records)
+        record = propose(search, records, max(numbers, default=0) + 1)
         if record is not None:
             record.update(owner=owner, attempts=1)
             write_record(search_dir, record)
         return record
 
 
-def propose(search: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The next run's record (not yet written), or None when a grid is exhausted. The engine draws from the global
+def propose(search: dict[str, Any], records: list[dict[str, Any]], number: int) -> dict[str, Any] | None:
+    """Run `number`'s record (not yet written), or None when a grid is exhausted. The engine draws from the global
     random generators: they are seeded with the search's seed and the run number, so a search can be replayed."""
     import numpy as np
 
-    config, number = search["sweep"], max((r["number"] for r in records), default=0) + 1
+    config = search["sweep"]
     states = random.getstate(), np.random.get_state()
     random.seed(search["seed"] * 100_003 + number)
     np.random.seed((search["seed"] * 100_003 + number) % 2**32)

@@ -50,7 +50,7 @@ def snapshot(search_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
 def value_text(value: Any) -> str:
     if value is None:
         return "-"
-    if isinstance(value, float):  # a proposed learning rate has 16 digits; 4 tell the runs apart
+    if isinstance(value, float):  # a proposed learning rate has 16 figures; 4 tell the runs apart
         return str(float(f"{value:.4g}"))
     return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 

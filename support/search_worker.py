@@ -51,7 +51,7 @@ def die_with_parent() -> None:
 
 def wandb_run_id(search_name: str, run_name: str) -> str:
     """The run's wandb id, from the search and the run number: `wandb sync` puts the runs of one search together, and
-    a resumed run continues its own wandb run. wandb ids allow letters, digits, - and _ (at most 64)."""
+    a resumed run continues its own wandb run. wandb ids allow letters, numbers, - and _ (at most 64)."""
     return re.sub(r"[^A-Za-z0-9_-]", "-", f"{search_name}-{run_name}")[-64:]
 
 
