@@ -2,18 +2,18 @@
 
     python benchmarks/search.py          # ~30 s on 2 CPU cores
 
-A bayes search over 4 parameters (like sweep.py's SWEEP_CONFIG, with distributions) is timed with 10, 100 and 500
-finished records in its directory (random settings, 20 epochs of val/loss each), and a random search with 500 as the
-baseline, in the same run. Each number is the median of 5 calls after one warm-up call:
-  proposal  claim_or_propose whole: load search.json, lock, read every record, sweeps.next_run, write the new record,
-            unlock (the new record is deleted after each call, so the count stays)
-  read      read_records alone;  engine  propose alone (records -> SweepRuns -> next_run);  lock  an uncontended
-            acquire + release of the search's lock with nothing inside
-  hold      the time the lock is held during a proposal, from acquire returning to release starting (search_lock is
-            wrapped with a timer in this process; claim_or_propose looks it up when called)
-Contention: 4 processes (spawned and warmed up, then released together) propose 10 runs each against one bayes search
-that starts at 100 records; each marks its run finished before its next proposal (else it would get its own running
-run back), so the search ends at 140. Reported: wall time of all 40, and the mean wait in the lock's acquire.
+A bayes search over 4 parameters (sweep.py's SWEEP_CONFIG, with distributions) is timed with 10, 100 and 500 finished
+records in its directory (random settings, 20 epochs of val/loss each), and a random search at 500 as the baseline,
+in the same run. Medians of 5 calls after one warm-up call, in seconds:
+  proposal  claim_or_propose whole: load search.json, lock, read every record, next_run, write the record, unlock
+            (the new record is deleted after each call, so the count stays)
+  read      read_records alone;  engine  propose alone (records -> SweepRuns -> next_run)
+  lock      an uncontended acquire + release of the search's lock, nothing inside (median of 20)
+  hold      the lock's hold time in a proposal, acquire returning to release starting (search_lock is wrapped with a
+            timer in this process; claim_or_propose looks the name up when called); outside = proposal - hold
+Contention: 4 spawned processes, warmed up then released together, propose 10 runs each in one bayes search that
+starts at 100 records; each marks its run finished before its next proposal (else it gets its own running run back),
+so it ends at 140. Reported: wall time of all 40, the sum of their hold times, and the mean wait in acquire.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def timed_lock(search_dir: Path, timeout: float = 600.0) -> Iterator[None]:
             LOCK_TIMES.append((acquired - start, time.perf_counter() - acquired))
 
 
-search_records.search_lock = timed_lock  # module level, so spawned workers are timed too
+search_records.search_lock = timed_lock  # at import, so the spawned workers are timed too
 
 
 def owner(worker: int) -> dict[str, Any]:
@@ -124,19 +124,18 @@ def measure(search_dir: Path) -> dict[str, float]:
 def contend(search_dir: Path, worker: int, barrier: Any, results: Any) -> None:
     records = read_records(search_dir)
     propose(load_search(search_dir), records, len(records) + 1)  # warm-up: imports the engine
-    rng, waits = random.Random(worker), []
+    rng = random.Random(worker)
     barrier.wait(timeout=120)
+    LOCK_TIMES.clear()
     for _ in range(PROPOSALS_EACH):
-        LOCK_TIMES.clear()
         record = claim_or_propose(search_dir, owner(worker))
         assert record is not None and record["attempts"] == 1, record  # a new run, not its own one back
-        waits.append(LOCK_TIMES[0][0])
         finish(search_dir, record, rng)
-    results.put(waits)
+    results.put(list(LOCK_TIMES))
 
 
-def contention(search_dir: Path) -> tuple[float, float, int]:
-    """Wall seconds for WORKERS x PROPOSALS_EACH proposals, the mean wait in acquire, and the records at the end."""
+def contention(search_dir: Path) -> tuple[float, list[tuple[float, float]], int]:
+    """Wall seconds of all the proposals, (wait, hold) of each, and the records at the end."""
     context = mp.get_context("spawn")
     barrier, results = context.Barrier(WORKERS + 1), context.Queue()
     workers = [context.Process(target=contend, args=(search_dir, w, barrier, results)) for w in range(WORKERS)]
@@ -144,29 +143,28 @@ def contention(search_dir: Path) -> tuple[float, float, int]:
         process.start()
     barrier.wait(timeout=120)  # a worker that failed while warming up breaks it
     start = time.perf_counter()
-    waits = [wait for _ in workers for wait in results.get(timeout=120)]
+    times = [pair for _ in workers for pair in results.get(timeout=120)]
     wall = time.perf_counter() - start
     for process in workers:
         process.join()
         assert process.exitcode == 0, process.exitcode
-    return wall, statistics.mean(waits), len(read_records(search_dir))
+    return wall, times, len(read_records(search_dir))
 
 
 def main() -> None:
     cases = [("bayes", 10), ("bayes", 100), ("bayes", 500), ("random", 500)]
     with tempfile.TemporaryDirectory() as tmp:
         results = {case: measure(make_search(Path(tmp), *case)) for case in cases}
-        wall, wait, final = contention(make_search(Path(tmp), "bayes", 100, "contended"))
+        wall, times, final = contention(make_search(Path(tmp), "bayes", 100, "contended"))
     print(f"seconds, median of {REPEATS} (lock: of 20); hold = lock held during the proposal (read + engine + write)")
     print(f"{'method':<8}{'records':>8}{'proposal':>10}{'read':>8}{'engine':>8}{'lock':>8}{'hold':>8}{'outside':>9}")
     for (method, count), r in results.items():
         print(f"{method:<8}{count:>8}{r['proposal']:>10.3f}{r['read']:>8.4f}{r['engine']:>8.3f}{r['lock']:>8.4f}"
               f"{r['hold']:>8.3f}{r['proposal'] - r['hold']:>9.3f}")
-    total = WORKERS * PROPOSALS_EACH
-    serial = results[("bayes", 100)]["proposal"] * total
-    print(f"contention: {WORKERS} processes x {PROPOSALS_EACH} bayes proposals from 100 records (to {final}): "
-          f"{wall:.2f} s wall\n  ({wall / serial:.2f}x {total} serial proposals at 100 records, {serial:.2f} s), "
-          f"mean wait in acquire {wait:.3f} s per proposal")
+    held = sum(hold for _, hold in times)
+    print(f"contention: {WORKERS} processes x {PROPOSALS_EACH} bayes proposals, 100 -> {final} records: {wall:.2f} s "
+          f"wall, lock held {held:.2f} s of it ({held / wall:.0%}),\n  mean wait in acquire "
+          f"{statistics.mean(wait for wait, _ in times):.3f} s per proposal, mean hold {held / len(times):.3f} s")
     bayes, baseline = results[("bayes", 500)]["proposal"], results[("random", 500)]["proposal"]
     print(f"bayes / random proposal at 500 records = {bayes / baseline:.2f}  ({bayes:.3f} s / {baseline:.3f} s)")
     verdict = "meets" if bayes < AIM_SECONDS else "misses"
