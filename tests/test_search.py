@@ -206,3 +206,20 @@ def test_a_damaged_record_keeps_its_number_and_counts(tmp_path: Path) -> None:
     assert third["number"] == 3 and (search_dir / "run-0002.json").read_text() == "{not json"
     search_records.write_record(search_dir, {**third, "state": "finished"})
     assert search_records.claim_or_propose(search_dir, owner) is None  # 3 runs, the damaged one among them
+
+
+def test_a_preempted_run_is_resumed_by_the_next_worker_once_its_owner_is_gone(tmp_path: Path) -> None:
+    """A search stopped by scancel or Ctrl-C and started again (slurm_train.py --resume): its preempted runs are
+    continued before anything new is proposed, by whichever worker comes first; a running one of a live owner is not."""
+    search_dir = make_search(tmp_path / "search", {"method": "random", "parameters": SPACE}, 5, [])
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    old_owner = {**search_records.owner_identity(3), "pid": gone.pid}
+    first = search_records.claim_or_propose(search_dir, old_owner)
+    search_records.write_record(search_dir, {**first, "state": "preempted"})
+    resumed = search_records.claim_or_propose(search_dir, search_records.owner_identity(4))
+    assert (resumed["number"], resumed["attempts"], resumed["state"]) == (first["number"], 2, "running")
+    assert resumed["owner"]["worker"] == 4
+    running = search_records.claim_or_propose(search_dir, search_records.owner_identity(0))  # new: its owner lives
+    assert (running["number"], running["attempts"]) == (2, 1)
+    assert search_records.claim_or_propose(search_dir, search_records.owner_identity(1))["number"] == 3

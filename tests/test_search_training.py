@@ -72,3 +72,14 @@ def test_search_dry_run_writes_nothing_and_bad_options_are_one_line(tmp_path: Pa
         assert result.returncode != 0 and message in result.stderr, (args, result.stderr)
         assert len(result.stderr.strip().splitlines()[-1]) < 300
     assert not (tmp_path / "runs").exists()  # nothing written by any of them
+
+
+def test_folds_are_a_dimension_the_sweep_checks() -> None:
+    """Cross-validation in a search: data.fold as a parameter reaches train.py; a fold outside data.folds is named."""
+    import sweep
+
+    folds = {"data.folds": {"value": 3}, "data.fold": {"values": [0, 1, 2]}, "optimizer.lr": {"values": [1e-3, 3e-3]}}
+    config = {**SEARCH, "method": "grid", "parameters": folds}
+    assert len(sweep.grid_configs(sweep.validate(config))) == 6
+    with pytest.raises(sweep.SweepConfigError, match="data.fold"):
+        sweep.validate({**config, "parameters": {**folds, "data.fold": {"values": [0, 3]}}})
