@@ -51,7 +51,8 @@ SWEEP_CONFIG: dict[str, Any] = {
     "command": ["${env}", "${interpreter}", "${program}", "${args}"],
     "method": "random",  # grid | random | bayes
     # "metric": {"name": "val/acc", "goal": "maximize"},  # default: train.py's MONITOR, MONITOR_MODE
-    # Hyperband stops runs whose metric trails the others' at epochs 3, 9, 27 (min_iter * eta**k).
+    # Hyperband stops runs whose metric trails the others' at bands 3, 9, 27 (min_iter * eta**k), each judged once a
+    # run has more validation epochs than the band (sweeps 0.2.0): after the 4th, 10th, 28th.
     "early_terminate": {"type": "hyperband", "min_iter": 3, "eta": 3},
     # Full dotted train.py keys (see `python train.py --help`). Lists of values keep the grid enumerable;
     # random and bayes also take distributions: {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-2}.

@@ -108,6 +108,8 @@ class Worker:
         with open(self.search_dir / f"{record['name']}.out", "ab") as log:
             self.child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
                                           preexec_fn=die_with_parent)
+            if self.terminated:  # the signal came while it started
+                self.child.send_signal(signal.SIGTERM)
             while self.child.poll() is None:
                 try:
                     self.child.wait(timeout=min(HEARTBEAT_SECONDS, self.search["heartbeat_timeout"] / 4))
@@ -130,18 +132,25 @@ class Worker:
               flush=True)
 
     def run(self) -> int:
-        signal.signal(signal.SIGTERM, self.on_stop_signal)
-        signal.signal(signal.SIGINT, self.on_stop_signal)  # Ctrl-C on slurm_train.py --local: the same clean stop
-        done = 0
-        while not self.terminated:
-            record = claim_or_propose(self.search_dir, self.owner)
-            if record is None:
-                print(f"the search has its {self.search['count']} runs (or its grid is exhausted): worker "
-                      f"{self.owner['worker']} ends after {done} run(s)", flush=True)
-                return 0
-            self.train(record)
-            done += 1
-        return 128 + signal.SIGTERM
+        # SIGINT: Ctrl-C on slurm_train.py --local, the same clean stop. The handlers are restored at the end.
+        handlers = {signum: signal.signal(signum, self.on_stop_signal) for signum in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            done = 0
+            while not self.terminated:
+                record = claim_or_propose(self.search_dir, self.owner)
+                if record is None:
+                    print(f"the search has its {self.search['count']} runs (or its grid is exhausted): worker "
+                          f"{self.owner['worker']} ends after {done} run(s)", flush=True)
+                    return 0
+                if self.terminated:  # stopped while proposing: the run is left for whoever resumes the search
+                    write_record(self.search_dir, {**record, "state": "preempted", "ended": time.time()})
+                    break
+                self.train(record)
+                done += 1
+            return 128 + signal.SIGTERM
+        finally:
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
