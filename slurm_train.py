@@ -76,15 +76,18 @@ def load_sweep_config(path: str | None) -> dict[str, Any]:
     return config
 
 
-def enumerate_rows(config: dict[str, Any], sample: int | None, seed: int) -> list[dict[str, Any]]:
+def enumerate_rows(config: dict[str, Any], sample: int | None,
+                   seed: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The config checked and filled with wandb's defaults (sweep.validate: it parses every value as train.py would,
+    the slow part, done once), and its grid or `sample` seeded random draws."""
     try:
-        sweep.validate(config)
+        validated = dict(sweep.validate(config))
         rows = sweep.random_configs(sample, seed, config) if sample else sweep.grid_configs(config)
     except sweep.SweepConfigError as err:
         raise LaunchError("the sweep config is invalid: " + "; ".join(str(err).splitlines())) from None
     if not rows:
         raise LaunchError("the sweep has no runs (a continuous parameter has no grid: use --sample N)")
-    return rows
+    return validated, rows
 
 
 def _device_count(devices: Any, gpus: int) -> int | None:
@@ -212,14 +215,14 @@ def start_search(args: argparse.Namespace, extra: list[str]) -> tuple[Path, list
     config, k = load_sweep_config(args.sweep_config), args.max_concurrent
     grid = config.get("method") == "grid"
     res = resources(args)
-    check_rows(enumerate_rows(config, None if grid else min(args.count, 50), args.seed), extra, res)
+    sweep_config, rows = enumerate_rows(config, None if grid else min(args.count, 50), args.seed)
+    check_rows(rows, extra, res)  # a sample of the space, with the arguments after --
     search_dir = Path(args.runs_dir).resolve() / timestamped_name("search-")
     if any(c.isspace() or c == "%" for c in str(search_dir)):  # #SBATCH --output cannot quote; % is a pattern
         raise LaunchError(f"{search_dir}: a path with spaces or % cannot be a Slurm log path; use --runs-dir")
     header = sbatch_header(args.job_name or "search", f"0-{k - 1}", f"{k} workers, one per array task", res,
                            f"{search_dir}/worker-%a.out")
     script = render_search_script(search_dir, header)
-    sweep_config = sweep.validate(config)
     metric = sweep_config["metric"]
     stopping = "hyperband stopping" if "early_terminate" in sweep_config else "no early stopping"
     summary = (f"{config.get('method')} search of {args.count} runs by {k} workers, {metric['goal']} {metric['name']}, "
@@ -230,7 +233,7 @@ def start_search(args: argparse.Namespace, extra: list[str]) -> tuple[Path, list
         return search_dir, []
     if not args.local and shutil.which("sbatch") is None:
         raise LaunchError("sbatch not found: no Slurm here; run the workers on this machine with --local")
-    new_search(search_dir, dict(sweep_config), args.count, args.seed, extra, args.heartbeat_timeout)
+    new_search(search_dir, sweep_config, args.count, args.seed, extra, args.heartbeat_timeout)
     write_atomic(search_dir / "job.sbatch", script)
     print(summary)
     return search_dir, list(range(k))
@@ -317,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
             created = grid_dir
         else:
             config = load_sweep_config(args.sweep_config)
-            rows = enumerate_rows(config, args.sample, args.seed)
+            _, rows = enumerate_rows(config, args.sample, args.seed)
             res = resources(args)
             check_rows(rows, extra, res)  # before anything is written: a bad row fails here, not in the queue
             indices = list(range(len(rows)))
@@ -349,8 +352,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 lock.acquire(timeout=0)
             except Timeout:
-                raise LaunchError(f"the rows of {grid_dir} are already running on this machine (another "
-                                  "slurm_train.py --local): wait for it to end, else rows would run twice") from None
+                raise LaunchError(f"{grid_dir} is already running on this machine (another slurm_train.py --local): "
+                                  "wait for it to end, else its runs would run twice") from None
             with lock:
                 print(f"run directory: {grid_dir}\nrunning {what} here")
                 return run_local(grid_dir, indices, k, "worker" if search else "row")

@@ -71,7 +71,7 @@ def main() -> None:
     print(f"sbatch: {'local test Slurm (held jobs, cancelled at once)' if real else 'stand-in script (spawn only)'}")
 
     t0 = time.perf_counter()
-    rows = slurm_train.enumerate_rows(GRID, None, 0)
+    _, rows = slurm_train.enumerate_rows(GRID, None, 0)
     ns = argparse.Namespace(preset=None, **{k: None for k in slurm_train.RESOURCES})
     res = slurm_train.resources(ns)
     slurm_train.check_rows(rows, ["--trainer.max_epochs=1"], res)

@@ -192,7 +192,7 @@ def engine_runs(records: list[dict[str, Any]], metric: str) -> list[Any]:
 
 def plain(value: Any) -> Any:
     """The engine's numpy scalars as JSON values (np.int64(64) -> 64), as a wandb agent would receive them."""
-    return value.item() if hasattr(value, "item") and not isinstance(value, (list, dict, str)) else value
+    return value.item() if hasattr(value, "item") else value
 
 
 @contextmanager

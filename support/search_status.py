@@ -26,7 +26,7 @@ from support.search_records import (
 STATE_ORDER = ("finished", "stopped", "running", "preempted", "failed", "crashed")
 LABELS = {"stopped": "stopped early"}  # hyperband's stop is a result, not an interruption: say so
 FOLD, COUNTED = "data.fold", ("finished", "stopped")  # only complete runs count towards a setting's mean
-# A record with no owner (an older search's fresh run, a file edited by hand) can only be judged by its heartbeat.
+# A record with no owner (a file edited by hand) can only be judged by its heartbeat.
 UNKNOWN_OWNER = {"host": None, "pid": None, "worker": None, "slurm_task": None}
 PLOT_STYLES = {  # state: (legend label, marker, colour); runs still in flight have partial values
     "finished": ("finished", "o", "C0"), "stopped": ("stopped early", "v", "C1"), "running": ("in flight", "s", "C2"),
