@@ -9,6 +9,7 @@
 #                         a pin; LOCK_OPTIONS=--upgrade takes the newest release of everything the pins allow)
 # Also: make lint, make bench, make gpu-check (on a GPU node), make env (only the environment), make clean-env.
 # Variables: VENV=path (its place), PYTHON=python3.11, BOOTSTRAP_UV=0 (never install uv: pip unless uv is on PATH),
+# MLMODELDEV_HOME=dir (environments and uv's and pip's caches there, not in ~/.cache: README.md, "Clusters"),
 # TORCH=system (keep the torch that PYTHON already imports, for POWER9: README.md, "Environment"), TORCH_CUDA=cu126
 # (the lock's torch in that CUDA build, from the PyTorch index: V100s, drivers older than CUDA 13; README.md, "GPUs").
 
@@ -27,10 +28,21 @@ TORCH ?= lock
 # build, with the CUDA libraries it needs, from $(TORCH_INDEX)/$(TORCH_CUDA); its environment is named for it.
 TORCH_CUDA ?=
 TORCH_INDEX ?= https://download.pytorch.org/whl
-CACHE_DIR := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/mlmodeldev
+# Environments hold compiled code: one per CPU architecture (Bede's ppc64le and aarch64 nodes share one home and
+# /nobackup), in $(MLMODELDEV_HOME)/<arch>/, where job scripts look for the one of the node they run on
+# (support/clusters/environments.py). MLMODELDEV_ARCH overrides `uname -m` (tests).
+MLMODELDEV_HOME ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/mlmodeldev
+MLMODELDEV_ARCH ?= $(shell uname -m)
+CACHE_DIR := $(MLMODELDEV_HOME)/$(MLMODELDEV_ARCH)
 UV_TOOL := $(CACHE_DIR)/uv-$(UV_VERSION)
 ENV_HASH := $(shell cat $(LOCK) | sha256sum | cut -c1-12)
 VENV ?= $(CACHE_DIR)/venv-$(ENV_HASH)$(if $(filter system,$(TORCH)),-system-torch)$(if $(TORCH_CUDA),-torch-$(TORCH_CUDA))
+# Given MLMODELDEV_HOME, uv's and pip's download caches go there too (~/.cache otherwise: HEC's home holds 10 GB,
+# Bede's 20 GB, torch's wheels 5.6 GB).
+ifneq ($(origin MLMODELDEV_HOME),file)
+export UV_CACHE_DIR ?= $(MLMODELDEV_HOME)/cache/uv
+export PIP_CACHE_DIR ?= $(MLMODELDEV_HOME)/cache/pip
+endif
 PY := $(VENV)/bin/python
 ARGS ?=
 PYTEST_ARGS ?=

@@ -29,27 +29,28 @@
 # marks the wandb run as preempting, so the sweep hands its config, with the same run id, to the next agent
 # that asks (this task once restarted, or another) instead of losing it.
 #
+# This header is the generic cluster's of clusters.toml (tests/test_clusters.py checks that they agree). On HEC,
+# Bede or a cluster you add there, let slurm_train.py write and submit the same agents with that cluster's header
+# and set-up, checked against its limits, in the environment of the node's architecture:
+#   python slurm_train.py --cluster bede --account PROJECT --agents ENTITY/PROJECT/SWEEP_ID --count 20 --max-concurrent 4
+#
 #SBATCH --job-name=sweep-agent
 #SBATCH --nodes=1
-#SBATCH --ntasks-per-node=1          # = the Trainer's devices: one task (process) per GPU
+#SBATCH --ntasks-per-node=1               # = the Trainer's devices: one task per GPU
 #SBATCH --gpus-per-node=1
-#SBATCH --cpus-per-task=4            # data loading workers + the main process, per GPU
-#SBATCH --mem=16G
+#SBATCH --cpus-per-task=4                 # data loading workers + the main process
+#SBATCH --mem=16G                         # memory per node
 #SBATCH --time=08:00:00
-#SBATCH --signal=SIGUSR1@90          # to the run's tasks, 90 s before the time limit (Lightning requeues)
+#SBATCH --signal=SIGUSR1@90               # to train.py 90 s before the limit: Lightning checkpoints, requeues
 #SBATCH --requeue
-#SBATCH --open-mode=append           # a requeued task appends to its log instead of overwriting it
-#SBATCH --output=sweep-agent-%A_%a.out
-#
-# Cluster presets (Lancaster HEC, Bede) are kept in one place, slurm_train.py's PRESETS. To see the #SBATCH lines
-# one of them gives, run `python slurm_train.py --preset bede --account <project> --dry-run` and copy its header
-# lines over the defaults above (check partition names against the cluster's documentation: `sinfo -s`).
+#SBATCH --open-mode=append                # a requeued task appends to its log
+#SBATCH --output=sweep-agent-%A_%a.out    # one log per array task
 
 # The environment: jobs inherit the submitting shell's. Or activate one here (uncomment one; before `set -u`,
 # as conda's activation scripts read unset variables):
-# source ~/.cache/mlmodeldev/venv-<hash>/bin/activate   # the venv `make env` built (same path on every node)
-# module load anaconda3 && source activate mlmodeldev   # conda, e.g. on HEC (`module avail` for the name)
-# source "$HOME/miniconda3/bin/activate" mlmodeldev      # your own conda, e.g. on Bede (see README: clusters)
+# source "$(make -s venv-path)/bin/activate"               # the venv `make env` built for this architecture
+# module add miniforge && source activate "$global_storage/mlmodeldev"   # HEC's conda (its python page)
+# source "/nobackup/projects/<project>/$USER/$(uname -m)/miniconda3/bin/activate"   # Bede: one conda per arch
 set -euo pipefail
 
 die() { echo "sbatch_agent.sh: $*" >&2; exit 1; }

@@ -4,7 +4,9 @@
     python slurm_train.py                                    # the grid of sweep.py's SWEEP_CONFIG, 4 rows at a time
     python slurm_train.py --sample 20 --seed 0               # 20 seeded random draws instead of the grid
     python slurm_train.py --max-concurrent 8 --time 02:00:00 --gpus-per-node 2 -- --trainer.max_epochs=5
-    python slurm_train.py --preset bede --account myproject  # cluster presets: hec, bede (check partition names)
+    python slurm_train.py --cluster bede --account myproject # a cluster of clusters.toml: hec, bede, generic
+    python slurm_train.py --clusters                         # their partitions, limits and GPUs
+    python slurm_train.py --agents ENTITY/PROJECT/SWEEP_ID --count 20   # wandb sweep agents (sbatch_agent.sh)
     python slurm_train.py --resume runs/grid-20260101-120000-abc123   # resubmit only the rows not finished
     python slurm_train.py --local                            # no Slurm: the same rows as processes on this machine
     python slurm_train.py --search --count 40 --max-concurrent 8   # the sweep's own method (bayes, hyperband) by 8
@@ -16,7 +18,9 @@ every row's train.py arguments. Each grid gets a new directory, runs/grid-<time>
 (every row's config and train.py argv), job.sbatch (the script submitted), row-<i>.out (each task's log) and
 row-<i>/ (that run's directory). A row is finished when row-<i>/done exists: the task writes it only after train.py
 exited 0, so a crashed, cancelled or preempted row is not finished and a requeued task resumes its own checkpoints.
-Every row is checked as train.py would check it (constructors included) before anything is written or submitted.
+Every row is checked as train.py would check it (constructors included), and the job against the cluster's limits
+(clusters.toml: time, GPUs, account, GPU type, the torch of the environment for the partition's architecture),
+before anything is written or submitted.
 A search (--search) writes search.json, job.sbatch (K workers, support/search_worker.py), worker-<i>.out, and per run
 run-NNNN.json (its record), run-NNNN.out and run-NNNN/; see README.md, "Offline search".
 """
@@ -25,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shlex
 import shutil
 import sys
@@ -35,7 +38,11 @@ from typing import Any
 
 import sweep
 from support.atomic import write_atomic
+from support.clusters.environments import machine_arch
+from support.clusters.plan import RESOURCES, TEMPLATE_TIME, JobPlan, missing_submit_command, plan_job
+from support.clusters.profiles import load_clusters, partition_table, time_seconds
 from support.errors import one_line
+from support.job_scripts import render_agents_script, render_script, script_head
 from support.local_rows import run_local
 from support.runs import tasks_devices_mismatch, timestamped_name
 from support.search_launch import extra_problem, new_search, render_search_script, unfinished_search
@@ -43,16 +50,6 @@ from support.search_records import SEARCH_FILE
 from support.slurm_jobs import LaunchError, active_jobs, array_spec, sbatch_header, submit
 
 REPO_DIR = Path(__file__).resolve().parent
-# The one copy of the presets (`--dry-run` prints their #SBATCH lines). Partition names change: check `sinfo -s`.
-PRESETS: dict[str, dict[str, Any]] = {
-    "hec": {"partition": "gpu-short", "gres": True},  # Lancaster HEC: or gpu-medium / gpu-long
-    # Bede, as its documentation (N8-CIR-Bede/documentation, usage) shows: --account=<project> on every job,
-    # partition gpu (4 V100 per node; "infer": 4 T4), --gres=gpu:N, and each GPU brings 25% of the node's CPUs and RAM.
-    "bede": {"partition": "gpu", "gres": True, "mem": None, "needs_account": True},
-}
-DEFAULTS: dict[str, Any] = {"nodes": 1, "gpus_per_node": 1, "cpus_per_task": 4, "mem": "16G", "time": "08:00:00"}
-SLURM_TIME = re.compile(r"\d+(:\d{1,2}){0,2}|\d+-\d{1,2}(:\d{1,2}){0,2}")  # sbatch --time's formats
-RESOURCES = ["partition", "account", "nodes", "ntasks_per_node", "gpus_per_node", "cpus_per_task", "mem", "time"]
 
 
 def load_sweep_config(path: str | None) -> dict[str, Any]:
@@ -142,60 +139,15 @@ def check_rows(rows: list[dict[str, Any]], extra: list[str], res: dict[str, Any]
             raise LaunchError(f"row {picked[0][1]}: {problem} (here: --ntasks-per-node, --nodes, or -- --trainer.*)")
 
 
-def resources(args: argparse.Namespace) -> dict[str, Any]:
-    """The job's resources: defaults, then the preset, then the options given; refuses inconsistent ones."""
-    preset = PRESETS.get(args.preset or "", {})
-    res = {**DEFAULTS, **{k: v for k, v in preset.items() if k in RESOURCES}}
-    res.update({k: getattr(args, k) for k in RESOURCES if getattr(args, k) is not None})
-    if preset.get("needs_account") and not res.get("account"):
-        raise LaunchError(f"--preset {args.preset} needs --account (every job there names its project)")
-    if res.get("ntasks_per_node") is None:
-        res["ntasks_per_node"] = res["gpus_per_node"] or 1  # one srun task per GPU, what Lightning expects
-    res["gres"] = bool(preset.get("gres"))
-    return res
-
-
-def render_script(grid_dir: Path, n: int, k: int, res: dict[str, Any], name: str) -> str:
-    """The batch script: #SBATCH header from the resources, then the array task: read its row, run it, mark it."""
-    header = sbatch_header(name, f"0-{n - 1}%{k}", f"{n} rows, at most {k} at a time", res, f"{grid_dir}/row-%a.out")
-    q = shlex.quote
-    return f"""#!/usr/bin/env bash
-# Grid of {n} train.py runs, one array task per row of grid.json; written by slurm_train.py, which submitted it.
-#   python slurm_train.py --resume {q(str(grid_dir))}   # resubmit the rows without a row-<i>/done marker
-#   squeue -r -j <job id>;  tail -f {q(str(grid_dir))}/row-0.out
-{chr(10).join(header)}
-set -euo pipefail
-grid_dir={q(str(grid_dir))}
-python={q(sys.executable)}  # the interpreter that checked the grid (jobs inherit the submitting shell's environment)
-row=${{GRID_ROW:-${{SLURM_ARRAY_TASK_ID:?submit with sbatch, or run: python slurm_train.py --local}}}}
-row_dir=$grid_dir/row-$row
-die() {{ echo "job.sbatch, row $row: $*" >&2; exit 1; }}
-if [ -e "$row_dir/done" ]; then echo "row $row already finished ($row_dir/done)"; exit 0; fi
-argv=$("$python" -c 'import json, sys; row = json.load(open(sys.argv[1]))["rows"][int(sys.argv[2])]
-print("\\n".join(row["argv"]))' "$grid_dir/grid.json" "$row") || die "cannot read row $row of $grid_dir/grid.json"
-mapfile -t args <<< "$argv"
-# A requeued or resumed row continues from its own checkpoints: Lightning's hpc_ckpt_N, else its last.ckpt.
-resume=()
-if [ -f "$row_dir/checkpoints/last.ckpt" ] && ! compgen -G "$row_dir/hpc_ckpt_*.ckpt" > /dev/null; then
-  resume=(--ckpt_path=last)
-fi
-launch=()
-if [ -n "${{SLURM_JOB_ID:-}}" ]; then
-  tasks=${{SLURM_NTASKS_PER_NODE:-1}}  # train.py checks on every task that they match the Trainer's devices
-  # Since Slurm 22.05 srun no longer inherits --cpus-per-task from sbatch.
-  if [ -n "${{SLURM_CPUS_PER_TASK:-}}" ]; then export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK; fi
-  launch=(srun --ntasks-per-node="$tasks" --kill-on-bad-exit=1)
-fi
-start=$(date +%s.%N)
-echo "row $row on $(hostname), CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES:-}}: train.py ${{args[*]}}"
-"${{launch[@]}}" "$python" {q(str(REPO_DIR / "train.py"))} "${{resume[@]}}" "${{args[@]}}" --run_dir="$row_dir"
-# Only reached when train.py exited 0 (set -e): a crashed or killed row is never marked finished.
-mkdir -p "$row_dir"
-printf '{{"row": %s, "job": "%s", "host": "%s", "start": %s, "end": %s}}\\n' "$row" \\
-  "${{SLURM_ARRAY_JOB_ID:-local}}_${{SLURM_ARRAY_TASK_ID:-$row}}" "$(hostname)" "$start" "$(date +%s.%N)" \\
-  > "$row_dir/.done.$$"
-mv "$row_dir/.done.$$" "$row_dir/done"
-"""
+def job_plan(args: argparse.Namespace) -> JobPlan:
+    """The job's resources on the chosen cluster (clusters.toml), checked against its limits; notes go to stderr."""
+    clusters = load_clusters()
+    given = {k: getattr(args, k) for k in RESOURCES}
+    given["account"] = given["account"] or clusters.default_account or None
+    plan = plan_job(clusters.get(args.cluster or clusters.default_cluster), given, check_environment=not args.local)
+    for note in plan.notes:
+        print(note, file=sys.stderr)
+    return plan
 
 
 def unfinished(grid_dir: Path) -> list[int]:
@@ -207,22 +159,26 @@ def new_grid_dir(root: Path) -> Path:
     return root / timestamped_name("grid-")
 
 
-def start_search(args: argparse.Namespace, extra: list[str]) -> tuple[Path, list[int]]:
+def new_run_dir(args: argparse.Namespace, prefix: str) -> Path:
+    run_dir = Path(args.runs_dir).resolve() / timestamped_name(prefix)
+    if not args.local and any(c.isspace() or c == "%" for c in str(run_dir)):  # #SBATCH --output cannot quote them
+        raise LaunchError(f"{run_dir}: a path with spaces or % cannot be a Slurm log path; use --runs-dir")
+    return run_dir
+
+
+def start_search(args: argparse.Namespace, extra: list[str], plan: JobPlan) -> tuple[Path, list[int]]:
     """Checks the sweep (a sample of its space with the appended arguments, as train.py would), then creates the
     search directory and its K-worker script; returns it and the workers' indices (none for --dry-run)."""
     if problem := extra_problem(extra):
         raise LaunchError(problem)
     config, k = load_sweep_config(args.sweep_config), args.max_concurrent
     grid = config.get("method") == "grid"
-    res = resources(args)
     sweep_config, rows = enumerate_rows(config, None if grid else min(args.count, 50), args.seed)
-    check_rows(rows, extra, res)  # a sample of the space, with the arguments after --
-    search_dir = Path(args.runs_dir).resolve() / timestamped_name("search-")
-    if any(c.isspace() or c == "%" for c in str(search_dir)):  # #SBATCH --output cannot quote; % is a pattern
-        raise LaunchError(f"{search_dir}: a path with spaces or % cannot be a Slurm log path; use --runs-dir")
-    header = sbatch_header(args.job_name or "search", f"0-{k - 1}", f"{k} workers, one per array task", res,
+    check_rows(rows, extra, plan.res)  # a sample of the space, with the arguments after --
+    search_dir = new_run_dir(args, "search-")
+    header = sbatch_header(args.job_name or "search", f"0-{k - 1}", f"{k} workers, one per array task", plan.res,
                            f"{search_dir}/worker-%a.out")
-    script = render_search_script(search_dir, header)
+    script = render_search_script(search_dir, script_head(plan, header, args.local))
     metric = sweep_config["metric"]
     stopping = "hyperband stopping" if "early_terminate" in sweep_config else "no early stopping"
     summary = (f"{config.get('method')} search of {args.count} runs by {k} workers, {metric['goal']} {metric['name']}, "
@@ -231,8 +187,6 @@ def start_search(args: argparse.Namespace, extra: list[str]) -> tuple[Path, list
         print(f"{script}\n# {summary}\n# dry run: nothing written or submitted; the search directory would be "
               f"{search_dir}")
         return search_dir, []
-    if not args.local and shutil.which("sbatch") is None:
-        raise LaunchError("sbatch not found: no Slurm here; run the workers on this machine with --local")
     new_search(search_dir, sweep_config, args.count, args.seed, extra, args.heartbeat_timeout)
     write_atomic(search_dir / "job.sbatch", script)
     print(summary)
@@ -259,30 +213,39 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--resume", metavar="RUN_DIR", help="resubmit only the rows of RUN_DIR that did not finish")
     p.add_argument("--runs-dir", default="runs", help="where the grid directory is made (default: runs)")
     p.add_argument("--job-name", help="default: grid, or search with --search")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="cluster defaults (partition names: check them)")
-    p.add_argument("--partition")
-    p.add_argument("--account")
-    p.add_argument("--time", help=f"time limit per row (default {DEFAULTS['time']})")
+    p.add_argument("--agents", metavar="SWEEP_ID", help="wandb sweep agents for ENTITY/PROJECT/SWEEP_ID instead: "
+                   "--count agents (one run each), --max-concurrent at a time (sbatch_agent.sh, with this cluster's "
+                   "header)")
+    p.add_argument("--cluster", "--preset", help="a cluster of clusters.toml (hec, bede, generic; default: its "
+                   "default_cluster): its partitions' limits and header")
+    p.add_argument("--clusters", action="store_true", help="print the known clusters' partitions and exit")
+    p.add_argument("--partition", help="default: the cluster's default partition")
+    p.add_argument("--account", help="the project to charge (required on Bede)")
+    p.add_argument("--time", help=f"time limit per row (default {TEMPLATE_TIME}, or the partition's maximum if less)")
     p.add_argument("--nodes", type=int, help="nodes per row (default 1; append -- --trainer.num_nodes=N)")
-    p.add_argument("--gpus-per-node", type=int, help=f"default {DEFAULTS['gpus_per_node']}; 0: CPU only")
+    p.add_argument("--gpus-per-node", type=int, help="default 1; 0: CPU only")
+    p.add_argument("--gpu-type", help="a GPU type of the partition (its gres name: --clusters lists them)")
     p.add_argument("--ntasks-per-node", type=int, help="default: the GPUs per node (one task per device)")
-    p.add_argument("--cpus-per-task", type=int, help=f"default {DEFAULTS['cpus_per_task']}")
-    p.add_argument("--mem", help=f"memory per node (default {DEFAULTS['mem']})")
+    p.add_argument("--cpus-per-task", type=int, help="default: the cluster's (4), none where GPUs bring CPUs")
+    p.add_argument("--mem", help="memory per node (default: the cluster's, 16G; none where GPUs bring memory)")
     args = p.parse_args(own)
-    if args.search != (args.count is not None) or (args.search and args.sample is not None):
-        p.error("--search needs --count N (how many runs in all), and --count and --sample fit only one of them: "
-                "--search --count N (adaptive), or --sample N (random draws, no search)")
+    if bool(args.search or args.agents) != (args.count is not None) or (args.count and args.sample is not None):
+        p.error("--search needs --count N (how many runs in all; --agents too), and --count and --sample fit only "
+                "one of them: --search --count N (adaptive), or --sample N (random draws, no search)")
+    if args.agents and (args.search or args.local or args.resume or extra):
+        p.error("--agents runs wandb agents on Slurm: drop --search, --local, --resume and -- (agents on this machine: "
+                "./run_sweep.sh)")
     for option in ("max_concurrent", "count", "sample", "nodes", "gpus_per_node", "ntasks_per_node", "cpus_per_task"):
         lowest = 0 if option == "gpus_per_node" else 1
         if getattr(args, option) is not None and getattr(args, option) < lowest:
             p.error(f"--{option.replace('_', '-')} must be at least {lowest}, got {getattr(args, option)}")
-    if args.time is not None and not SLURM_TIME.fullmatch(args.time):
+    if args.time is not None and time_seconds(args.time) is None:
         p.error(f"--time {args.time!r} is not a Slurm time: use MM, HH:MM:SS, D-HH or D-HH:MM:SS (e.g. 08:00:00)")
     runs_dir = Path(args.runs_dir)
     if runs_dir.exists() and not runs_dir.is_dir():
         p.error(f"--runs-dir {args.runs_dir} is a file; give a directory (it is created if missing)")
     if args.resume:
-        given = [f"--{k.replace('_', '-')}" for k in [*RESOURCES, "sample", "count", "sweep_config", "preset"]
+        given = [f"--{k.replace('_', '-')}" for k in [*RESOURCES, "sample", "count", "sweep_config", "cluster"]
                  if getattr(args, k) is not None]
         if given or extra:
             p.error(f"--resume reruns the grid as it was written: drop {' '.join(given) or '--'} "
@@ -290,11 +253,58 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, extra
 
 
+def start_grid(args: argparse.Namespace, extra: list[str], plan: JobPlan) -> tuple[Path, list[int]]:
+    """Checks every row, then writes the grid directory (grid.json, job.sbatch); returns it and its rows' indices
+    (none for --dry-run, which prints the script and the rows instead)."""
+    config = load_sweep_config(args.sweep_config)
+    _, rows = enumerate_rows(config, args.sample, args.seed)
+    check_rows(rows, extra, plan.res)  # before anything is written: a bad row fails here, not in the queue
+    grid_dir = new_run_dir(args, "grid-")
+    script = render_script(grid_dir, len(rows), args.max_concurrent, plan, args.job_name or "grid", args.local)
+    argvs = [sweep.to_argv(row) + extra for row in rows]
+    if args.dry_run:
+        print(script)
+        print(f"# {len(rows)} runs (each with --run_dir={grid_dir}/row-<i>); dry run: nothing written or submitted")
+        print("\n".join(f"# row {i}: " + shlex.join(["python", "train.py", *a]) for i, a in enumerate(argvs)))
+        return grid_dir, []
+    grid_dir.mkdir(parents=True)
+    table = [{"row": i, "config": row, "argv": a} for i, (row, a) in enumerate(zip(rows, argvs, strict=True))]
+    grid = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "sweep": config.get("name"),
+            "sample": args.sample, "seed": args.seed, "extra": extra, "rows": table}
+    write_atomic(grid_dir / "grid.json", json.dumps(grid, indent=1) + "\n")
+    write_atomic(grid_dir / "job.sbatch", script)
+    return grid_dir, list(range(len(rows)))
+
+
+def start_agents(args: argparse.Namespace, plan: JobPlan) -> tuple[Path, list[int]]:
+    agents_dir = new_run_dir(args, "agents-")
+    script = render_agents_script(agents_dir, args.agents, args.count, args.max_concurrent, plan,
+                                  args.job_name or "sweep-agent")
+    if args.dry_run:
+        print(f"{script}\n# dry run: nothing written or submitted; the agents' directory would be {agents_dir}")
+        return agents_dir, []
+    agents_dir.mkdir(parents=True)
+    write_atomic(agents_dir / "job.sbatch", script)
+    return agents_dir, list(range(args.count))
+
+
+def resubmit_command(job_dir: Path) -> str:
+    """How job.sbatch was submitted (its `# submit with:` line): ghbatch stays ghbatch unless this machine is of
+    the architecture it names, where sbatch works."""
+    words = next((line.split()[3:] for line in (job_dir / "job.sbatch").read_text().splitlines()
+                  if line.startswith("# submit with: ")), ["sbatch"])
+    return "sbatch" if len(words) > 3 and words[3].rstrip(")") == machine_arch() else words[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     args, extra = parse_args(sys.argv[1:] if argv is None else argv)
     k = args.max_concurrent
-    created: Path | None = None  # a grid directory made by this call: removed again if submitting fails
+    created: Path | None = None  # a directory made by this call: removed again if submitting fails
+    search = False
     try:
+        if args.clusters:
+            print(partition_table(load_clusters()))
+            return 0
         if args.resume:
             grid_dir = Path(args.resume).resolve()
             search = (grid_dir / SEARCH_FILE).is_file()
@@ -313,38 +323,20 @@ def main(argv: list[str] | None = None) -> int:
             if args.dry_run:
                 print((grid_dir / "job.sbatch").read_text())
                 return 0
-        elif search := args.search:
-            grid_dir, indices = start_search(args, extra)
+            command = resubmit_command(grid_dir)
+        else:
+            plan = job_plan(args)
+            command, search = plan.submit, args.search
+            if not (args.local or args.dry_run) and shutil.which(command) is None:
+                raise LaunchError(missing_submit_command(plan))
+            start = start_agents(args, plan) if args.agents else \
+                start_search(args, extra, plan) if search else start_grid(args, extra, plan)
+            grid_dir, indices = start
             if not indices:
                 return 0  # a dry run
             created = grid_dir
-        else:
-            config = load_sweep_config(args.sweep_config)
-            _, rows = enumerate_rows(config, args.sample, args.seed)
-            res = resources(args)
-            check_rows(rows, extra, res)  # before anything is written: a bad row fails here, not in the queue
-            indices = list(range(len(rows)))
-            grid_dir = new_grid_dir(Path(args.runs_dir).resolve())
-            if any(c.isspace() or c == "%" for c in str(grid_dir)):  # #SBATCH --output cannot quote; % is a pattern
-                raise LaunchError(f"{grid_dir}: a path with spaces or % cannot be a Slurm log path; use --runs-dir")
-            script = render_script(grid_dir, len(rows), k, res, args.job_name or "grid")
-            argvs = [sweep.to_argv(row) + extra for row in rows]
-            if args.dry_run:
-                print(script)
-                print(f"# {len(rows)} runs (each with --run_dir={grid_dir}/row-<i>); dry run: nothing written or "
-                      "submitted")
-                print("\n".join(f"# row {i}: " + shlex.join(["python", "train.py", *a]) for i, a in enumerate(argvs)))
-                return 0
-            if not args.local and shutil.which("sbatch") is None:
-                raise LaunchError("sbatch not found: no Slurm here; run the rows on this machine with --local")
-            grid_dir.mkdir(parents=True)
-            created = grid_dir
-            table = [{"row": i, "config": row, "argv": a} for i, (row, a) in enumerate(zip(rows, argvs, strict=True))]
-            grid = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "sweep": config.get("name"),
-                    "sample": args.sample, "seed": args.seed, "extra": extra, "rows": table}
-            write_atomic(grid_dir / "grid.json", json.dumps(grid, indent=1) + "\n")
-            write_atomic(grid_dir / "job.sbatch", script)
-        what = f"{k} search worker(s)" if search else f"{len(indices)} row(s), at most {k} at a time"
+        label = "agent" if args.agents else "worker" if search else "row"
+        what = f"{k} search worker(s)" if search else f"{len(indices)} {label}(s), at most {k} at a time"
         if args.local:
             from filelock import FileLock, Timeout
 
@@ -356,20 +348,20 @@ def main(argv: list[str] | None = None) -> int:
                                   "wait for it to end, else its runs would run twice") from None
             with lock:
                 print(f"run directory: {grid_dir}\nrunning {what} here")
-                return run_local(grid_dir, indices, k, "worker" if search else "row")
-        if shutil.which("sbatch") is None:
-            raise LaunchError("sbatch not found: no Slurm here; run the rows on this machine with --local")
-        job = submit(grid_dir, indices, k)
+                return run_local(grid_dir, indices, k, label)
+        if shutil.which(command) is None:
+            raise LaunchError(f"{command} not found: no Slurm here; run the rows on this machine with --local")
+        job = submit(grid_dir, indices, k, command)
     except LaunchError as err:
         if created is not None and not args.local:
             shutil.rmtree(created, ignore_errors=True)  # nothing was submitted: leave no grid that looks queued
         print(f"error: {err}", file=sys.stderr)
         return 1
-    log = grid_dir / (f"worker-{indices[0]}.out" if search else f"row-{indices[0]}.out")
-    print(f"submitted job {job}: {what}\nrun directory: {grid_dir}\n"
-          f"watch:  squeue -r -j {job}      logs:  tail -f {log}\n"
-          + (f"progress:  python sweep.py --status {grid_dir}" if search else
-             f"resume the rows that did not finish:  python slurm_train.py --resume {grid_dir}"))
+    follow = (f"progress:  python sweep.py --status {grid_dir}" if search else
+              f"resume the rows that did not finish:  python slurm_train.py --resume {grid_dir}" if label == "row" else
+              "progress:  the sweep's page on wandb")
+    print(f"submitted job {job} with {command}: {what}\nrun directory: {grid_dir}\n"
+          f"watch:  squeue -r -j {job}      logs:  tail -f {grid_dir / f'{label}-{indices[0]}.out'}\n{follow}")
     return 0
 
 

@@ -72,9 +72,8 @@ def main() -> None:
 
     t0 = time.perf_counter()
     _, rows = slurm_train.enumerate_rows(GRID, None, 0)
-    ns = argparse.Namespace(preset=None, **{k: None for k in slurm_train.RESOURCES})
-    res = slurm_train.resources(ns)
-    slurm_train.check_rows(rows, ["--trainer.max_epochs=1"], res)
+    plan = slurm_train.job_plan(slurm_train.parse_args([])[0])
+    slurm_train.check_rows(rows, ["--trainer.max_epochs=1"], plan.res)
     checked = time.perf_counter() - t0
     print(f"grid of {len(rows)} configs: enumerated and checked against train.py in {checked:.2f} s")
 
@@ -84,7 +83,7 @@ def main() -> None:
     grid_dir.mkdir(parents=True)
     table = [{"row": i, "config": row, "argv": slurm_train.sweep.to_argv(row)} for i, row in enumerate(rows)]
     slurm_train.write_atomic(grid_dir / "grid.json", json.dumps({"rows": table}, indent=1) + "\n")
-    slurm_train.write_atomic(grid_dir / "job.sbatch", slurm_train.render_script(grid_dir, len(rows), 4, res, "bench"))
+    slurm_train.write_atomic(grid_dir / "job.sbatch", slurm_train.render_script(grid_dir, len(rows), 4, plan, "bench"))
     job = slurm_train.submit(grid_dir, list(range(len(rows))), 4)
     one_call = time.perf_counter() - t0
     cancel([job], real)

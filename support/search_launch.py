@@ -4,7 +4,6 @@ The workers are support/search_worker.py; the records they share, support/search
 from __future__ import annotations
 
 import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -31,21 +30,21 @@ def new_search(search_dir: Path, sweep: dict[str, Any], count: int, seed: int, e
     create_search(search_dir, {
         "name": search_dir.name, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "sweep": sweep, "count": count,
         "seed": seed, "extra": extra, "heartbeat_timeout": heartbeat_timeout,
-        # The interpreter that checked the settings (jobs inherit the submitting shell's environment).
-        "program": program or [sys.executable, str(REPO_DIR / "train.py")]})
+        # A script: each worker runs it with its own interpreter (the environment of its node's architecture).
+        "program": program or [str(REPO_DIR / "train.py")]})
 
 
-def render_search_script(search_dir: Path, header: list[str]) -> str:
+def render_search_script(search_dir: Path, head: str) -> str:
+    """The workers' batch script; `head`: its #SBATCH header, set-up and $python (support/job_scripts.py)."""
     q = shlex.quote
     return f"""#!/usr/bin/env bash
 # Offline search: workers sharing {q(str(search_dir))}, one array task each; written by slurm_train.py --search.
 #   python sweep.py --status {q(str(search_dir))}      # the runs so far, best first, and status.png
 #   python slurm_train.py --resume {q(str(search_dir))}   # new workers, if the workers ended before the search
-{chr(10).join(header)}
-set -euo pipefail
+{head}
 worker=${{SEARCH_WORKER:-${{SLURM_ARRAY_TASK_ID:?submit with sbatch, or run: python slurm_train.py --search --local}}}}
 export PYTHONPATH={q(str(REPO_DIR))}${{PYTHONPATH:+:$PYTHONPATH}}
-exec {q(sys.executable)} -m support.search_worker {q(str(search_dir))} --worker "$worker"
+exec "$python" -m support.search_worker {q(str(search_dir))} --worker "$worker"
 """
 
 

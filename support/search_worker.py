@@ -89,7 +89,11 @@ class Worker:
 
     def command(self, record: dict[str, Any], run_dir: Path) -> list[str]:
         settings = [f"--{key}={value}" for key, value in sorted(record["config"].items())]  # as a wandb agent
-        return [*launcher(), *self.search["program"], *resume_arguments(run_dir), *settings, *self.search["extra"],
+        # A script runs under this worker's interpreter: the environment of the node's architecture (job.sbatch's
+        # $python), not the submitting machine's.
+        program = self.search["program"]
+        program = [sys.executable, *program] if program[0].endswith(".py") else program
+        return [*launcher(), *program, *resume_arguments(run_dir), *settings, *self.search["extra"],
                 f"--run_dir={run_dir}", f"--wandb.group={self.search['name']}"]
 
     def train(self, record: dict[str, Any]) -> None:

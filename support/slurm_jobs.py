@@ -3,6 +3,7 @@ call, and which of a directory's jobs Slurm still lists. Light on purpose (no to
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -13,21 +14,25 @@ class LaunchError(ValueError):
     """A problem found before anything was written or submitted; the message is one line."""
 
 
-def sbatch_header(name: str, array: str, comment: str, res: dict[str, Any], log: str) -> list[str]:
-    """The #SBATCH lines of a job array: its resources, Slurm's requeue signal, one log per array task."""
+def sbatch_header(name: str, array: str | None, comment: str, res: dict[str, Any], log: str) -> list[str]:
+    """The #SBATCH lines of a job (an array, unless `array` is None): exactly the resources in `res` (a cluster
+    profile's: support/clusters/plan.py), Slurm's requeue signal, one log per array task."""
     def line(option: str, comment: str = "") -> str:
         return f"#SBATCH {option:<32}{'  # ' + comment if comment else ''}".rstrip()
 
-    gpus = res["gpus_per_node"]
-    header = [line(f"--job-name={name}"), line(f"--array={array}", comment)]
-    header += [line(f"--partition={res['partition']}", "check: `sinfo -s`")] if res.get("partition") else []
+    gpus, gpu_type = res["gpus_per_node"], res.get("gpu_type")
+    header = [line(f"--job-name={name}")] + ([line(f"--array={array}", comment)] if array else [])
+    header += [line(f"--partition={res['partition']}")] if res.get("partition") else []
     header += [line(f"--account={res['account']}")] if res.get("account") else []
     header += [line(f"--nodes={res['nodes']}"),
                line(f"--ntasks-per-node={res['ntasks_per_node']}", "= the Trainer's devices: one task per GPU")]
-    if gpus:
-        header.append(line(f"--gres=gpu:{gpus}" if res["gres"] else f"--gpus-per-node={gpus}"))
-    header += [line(f"--cpus-per-task={res['cpus_per_task']}", "data loading workers + the main process")]
-    header += [line(f"--mem={res['mem']}")] if res.get("mem") else []
+    if gpus and res.get("gpu_request") == "gres":
+        header.append(line(f"--gres=gpu:{gpu_type + ':' if gpu_type else ''}{gpus}"))
+    elif gpus:
+        header.append(line(f"--gpus-per-node={gpus}"))
+    if res.get("cpus_per_task"):
+        header.append(line(f"--cpus-per-task={res['cpus_per_task']}", "data loading workers + the main process"))
+    header += [line(f"--mem={res['mem']}", "memory per node")] if res.get("mem") else []
     return header + [line(f"--time={res['time']}"),
                      line("--signal=SIGUSR1@90", "to train.py 90 s before the limit: Lightning checkpoints, requeues"),
                      line("--requeue"), line("--open-mode=append", "a requeued task appends to its log"),
@@ -55,15 +60,13 @@ def active_jobs(grid_dir: Path) -> list[str]:
     return sorted(set(jobs_file.read_text().split()) & set(out.stdout.split()))
 
 
-def submit(grid_dir: Path, indices: list[int], k: int) -> str:
-    """One sbatch call for all the rows; returns the job id."""
-    result = subprocess.run(["sbatch", "--parsable", f"--array={array_spec(indices, k)}", str(grid_dir / "job.sbatch")],
+def submit(grid_dir: Path, indices: list[int], k: int, command: str = "sbatch") -> str:
+    """One submission (sbatch, or a site's wrapper such as Bede's ghbatch) for all the rows; returns the job id."""
+    result = subprocess.run([command, "--parsable", f"--array={array_spec(indices, k)}", str(grid_dir / "job.sbatch")],
                             capture_output=True, text=True)
-    if result.returncode != 0:
-        raise LaunchError(f"sbatch failed: {' '.join(result.stderr.split())}")
-    job = result.stdout.strip().split(";")[0]
+    job = re.search(r"\d+", result.stdout)  # --parsable prints "123" or "123;cluster"; a wrapper may say more
+    if result.returncode != 0 or job is None:
+        raise LaunchError(f"{command} failed: {' '.join((result.stderr or result.stdout).split())}")
     with open(grid_dir / "jobs.txt", "a") as f:
-        f.write(job + "\n")
-    return job
-
-
+        f.write(job.group() + "\n")
+    return job.group()

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from packaging.markers import Marker
 from packaging.utils import canonicalize_name
+from slurm_fixtures import skip_or_fail
 
 REPO = Path(__file__).resolve().parent.parent
 LOCK = REPO / "requirements.lock"
@@ -142,10 +143,10 @@ def test_without_uv_pip_builds_the_environment_from_the_lock(tiny_lock: Path) ->
 def test_with_uv_on_path_uv_builds_the_environment_from_the_lock(tiny_lock: Path) -> None:
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlmodeldev"
     uv_folders = [folder for folder in os.environ["PATH"].split(os.pathsep) if (Path(folder) / "uv").exists()]
-    uv_folders += [str(uv.parent) for uv in sorted(cache.glob("uv-*/bin/uv"))
+    uv_folders += [str(uv.parent) for uv in sorted(cache.glob("*/uv-*/bin/uv"))  # <arch>/uv-<version>
                    if (uv.parent.parent / ".complete").exists()]
-    if not uv_folders:
-        pytest.skip(f"no uv on PATH nor in {cache}/uv-*/ (make env installs it there)")
+    if not uv_folders:  # under CI=true make env has just installed it: its absence is a failure there
+        skip_or_fail(f"no uv on PATH nor in {cache}/<arch>/uv-*/ (make env installs it there)")
     venv = tiny_lock.parent / "venv"
     result = make_env(tiny_lock, venv, os.pathsep.join([uv_folders[0], os.environ["PATH"]]), "BOOTSTRAP_UV=0")
     assert result.returncode == 0, result.stdout + result.stderr

@@ -13,6 +13,7 @@ from filelock import FileLock
 
 import slurm_train
 import sweep
+from support.clusters.profiles import time_seconds
 
 GRID = {"name": "tiny", "program": "train.py", "method": "grid", "parameters": {"seed_everything": {"values": [1, 2]}}}
 
@@ -43,9 +44,11 @@ def test_bad_options_are_refused_in_one_line(argv: list[str], words: str, tmp_pa
     assert not Path("runs").exists()
 
 
-@pytest.mark.parametrize("time_limit", ["30", "30:00", "08:00:00", "2-00", "1-12:30", "1-12:30:00"])
-def test_slurm_time_formats_pass(time_limit: str):
-    assert slurm_train.SLURM_TIME.fullmatch(time_limit)
+@pytest.mark.parametrize("time_limit, seconds", [("30", 1800), ("30:00", 1800), ("08:00:00", 28800), ("2-00", 172800),
+                                                 ("1-12:30", 131400), ("1-12:30:00", 131400), ("8h", None),
+                                                 ("1:2:3:4", None), ("", None)])
+def test_slurm_time_formats_and_their_length(time_limit: str, seconds: int | None):
+    assert time_seconds(time_limit) == seconds
 
 
 @pytest.mark.parametrize("content, words", [(None, "No such file"), ("{not json: [", "neither JSON nor YAML"),

@@ -57,9 +57,10 @@ def test_a_requeued_worker_resumes_its_own_run_and_the_search_ends_with_its_coun
     search_dir = tmp_path / "search"  # both slurmd (n1, n2) run on this machine: they read tmp_path
     new_search(search_dir, SWEEP, 4, 0, [f"--epochs={EPOCHS}", "--seconds_per_epoch=1.5"], 600.0,
                program=[sys.executable, str(REPO / "tests" / "search_objective.py")])
-    res = slurm_train.resources(slurm_train.parse_args(SMALL)[0])
-    header = slurm_train.sbatch_header("search", "0-1", "2 workers", res, f"{search_dir}/worker-%a.out")
-    (search_dir / "job.sbatch").write_text(slurm_train.render_search_script(search_dir, header))
+    plan = slurm_train.job_plan(slurm_train.parse_args(SMALL)[0])
+    header = slurm_train.sbatch_header("search", "0-1", "2 workers", plan.res, f"{search_dir}/worker-%a.out")
+    (search_dir / "job.sbatch").write_text(slurm_train.render_search_script(
+        search_dir, slurm_train.script_head(plan, header, local=False)))
     assert slurm_train.main(["--resume", str(search_dir), "--max-concurrent", "2"]) == 0
     job = re.search(r"submitted job (\d+)", capsys.readouterr().out).group(1)
     slurm.submitted.append(job)

@@ -155,11 +155,12 @@ def test_dry_run_prints_the_script_and_runs_and_submits_nothing(tmp_path: Path, 
                                                                 capsys: pytest.CaptureFixture):
     params = {"model.hidden_dim": {"values": [16, 32]}, "optimizer.lr": {"values": [0.001, 0.01]}}
     argv = ["--sweep-config", sweep_file(tmp_path, params), "--max-concurrent", "2", "--dry-run",
-            "--preset", "hec", "--gpus-per-node", "2", "--", "--trainer.max_epochs=1"]
+            "--cluster", "hec", "--gpu-type", "nvidia_h200_nvl", "--gpus-per-node", "2", "--",
+            "--trainer.max_epochs=1"]
     assert slurm_train.main(argv) == 0
     out = capsys.readouterr().out
     for line in ["#SBATCH --array=0-3%2", "#SBATCH --signal=SIGUSR1@90", "#SBATCH --requeue",
-                 "#SBATCH --open-mode=append", "#SBATCH --partition=gpu-short", "#SBATCH --gres=gpu:2",
+                 "#SBATCH --open-mode=append", "#SBATCH --partition=gpu-short", "#SBATCH --gres=gpu:nvidia_h200_nvl:2",
                  "#SBATCH --ntasks-per-node=2", "/row-%a.out"]:
         assert line in out, line
     commands = [line for line in out.splitlines() if line.startswith("# row ")]
