@@ -39,7 +39,7 @@ from typing import Any
 import sweep
 from support.atomic import write_atomic
 from support.clusters.environments import machine_arch
-from support.clusters.plan import RESOURCES, TEMPLATE_TIME, JobPlan, missing_submit_command, plan_job
+from support.clusters.plan import RESOURCES, TEMPLATE_TIME, JobPlan, missing_submit_command, plan_job, storage_notes
 from support.clusters.profiles import load_clusters, partition_table, time_seconds
 from support.errors import one_line
 from support.job_scripts import render_agents_script, render_script, script_head
@@ -140,13 +140,13 @@ def check_rows(rows: list[dict[str, Any]], extra: list[str], res: dict[str, Any]
 
 
 def job_plan(args: argparse.Namespace) -> JobPlan:
-    """The job's resources on the chosen cluster (clusters.toml), checked against its limits; notes go to stderr."""
+    """The job's resources on the chosen cluster (clusters.toml), checked against its limits."""
     clusters = load_clusters()
     given = {k: getattr(args, k) for k in RESOURCES}
     given["account"] = given["account"] or clusters.default_account or None
     plan = plan_job(clusters.get(args.cluster or clusters.default_cluster), given, check_environment=not args.local)
-    for note in plan.notes:
-        print(note, file=sys.stderr)
+    if not args.local:
+        plan.notes += storage_notes(plan, Path(args.runs_dir), Path(sys.prefix))
     return plan
 
 
@@ -332,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
             start = start_agents(args, plan) if args.agents else \
                 start_search(args, extra, plan) if search else start_grid(args, extra, plan)
             grid_dir, indices = start
+            print("\n".join(plan.notes), file=sys.stderr, end="\n" if plan.notes else "")  # once the checks passed
             if not indices:
                 return 0  # a dry run
             created = grid_dir

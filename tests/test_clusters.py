@@ -142,7 +142,7 @@ def test_bedes_gh_partition_is_submitted_the_way_bede_requires(homes: Path, tmp_
     assert slurm_train.main(gh) == 1  # from an x86-64 (or ppc64le) machine without ghbatch
     err = capsys.readouterr().err
     assert "takes jobs from a machine of its own architecture or through ghbatch" in err, err
-    assert "a ghlogin session (ghlogin -A proj)" in err and len(err.strip().splitlines()) == 1
+    assert "run this command in a ghlogin session (ghlogin -A proj)" in err and len(err.strip().splitlines()) == 1
     assert not calls.exists() and not (tmp_path / "runs").exists()
 
     fake_tool(tmp_path / "bin", "ghbatch", calls)  # a login node, where Bede's ghbatch is on PATH
@@ -165,7 +165,7 @@ def test_a_partition_of_an_architecture_without_an_environment_is_refused_naming
     assert slurm_train.main(["--cluster", "bede", "--account", "proj", "--partition", "gh", *AGENTS]) == 1
     err = capsys.readouterr().err
     assert f"no environment for aarch64 under {tmp_path / 'empty'}/aarch64" in err
-    assert "on a ghlogin session (ghlogin -A proj), in this repository, run: MLMODELDEV_HOME=" in err
+    assert "in a ghlogin session (ghlogin -A proj), in this repository, run: MLMODELDEV_HOME=" in err
     assert err.rstrip().endswith("make env") and len(err.strip().splitlines()) == 1
     assert slurm_train.main(["--cluster", "bede", "--account", "proj", *AGENTS]) == 1
     assert capsys.readouterr().err.rstrip().endswith("run: MLMODELDEV_HOME=" + str(tmp_path / "empty") +
@@ -201,10 +201,48 @@ def test_a_job_finds_the_environment_of_its_nodes_architecture_or_stops_at_once(
     missing, seconds = run_preamble(homes, "aarch64", tmp_path)
     assert missing.returncode == 1 and seconds < 5 and missing.stdout == ""
     assert missing.stderr.strip() == environments.missing_environment("aarch64", homes,
-                                                                      "a ghlogin session (ghlogin -A proj)")
+                                                                      "in a ghlogin session (ghlogin -A proj)")
     unknown, _ = run_preamble(homes, "riscv64", tmp_path)
     assert unknown.returncode == 1 and "no environment for riscv64 under" in unknown.stderr
     assert f"{homes}/riscv64" in unknown.stderr and len(unknown.stderr.strip().splitlines()) == 1
+
+
+def test_agents_run_sbatch_agent_sh_with_the_jobs_environment_on_the_local_slurm(
+        slurm: SlurmCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+        capsys: pytest.CaptureFixture):
+    """slurm_train.py --agents: the cluster's header, then sbatch_agent.sh run in the repository with the job's
+    $python first on PATH; offline, each agent stops at once with sweep.py --check-agent's one line."""
+    monkeypatch.setenv("SLURM_CONF", slurm.conf)
+    ours = str(Path(sys.executable).parent)  # no other python on PATH: the agent must find the job's
+    monkeypatch.setenv("PATH", os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep)
+                                               if not Path(p, "python").exists() or p == ours))
+    argv = ["--agents", "me/project/abc123", "--count", "2", "--max-concurrent", "2", "--gpus-per-node", "0",
+            "--cpus-per-task", "1", "--mem", "1G", "--time", "00:05:00"]
+    assert slurm_train.main(argv) == 0
+    out = capsys.readouterr().out
+    job = re.search(r"submitted job (\d+) with sbatch: 2 agent\(s\), at most 2 at a time", out).group(1)
+    slurm.submitted.append(job)
+    agents = Path(re.search(r"run directory: (\S+)", out).group(1))
+    assert agents.name.startswith("agents-") and "exec bash " in (agents / "job.sbatch").read_text()
+    slurm.wait([job], timeout=90)
+    for task in (0, 1):
+        log = (agents / f"agent-{task}.out").read_text()
+        assert "error: WANDB_MODE=offline, but a wandb agent needs the wandb server" in log, log
+        assert slurm.job_field(f"{job}_{task}", "ExitCode") == "1:0"
+
+
+def test_a_small_home_gets_a_note_for_the_environment_and_runs_kept_there(homes: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch):
+    job = plan.plan_job(load_clusters().get("hec"), {"gpu_type": "nvidia_h200_nvl"})
+    monkeypatch.setenv("HOME", str(homes.parent))
+    notes = plan.storage_notes(job, homes.parent / "runs", homes.parent / "venv")
+    assert notes == [f"note: the environment ({homes.parent / 'venv'}) is in your home directory, which is small on "
+                     "Lancaster HEC; set MLMODELDEV_HOME=$global_storage/mlmodeldev and make env",
+                     f"note: runs ({homes.parent / 'runs'}) is in your home directory, which is small on Lancaster "
+                     "HEC; use --runs-dir $global_scratch/runs"]
+    assert plan.storage_notes(job, Path("/elsewhere/runs"), Path("/elsewhere/venv")) == []
+    generic = plan.plan_job(load_clusters().get("generic"), {})
+    assert plan.storage_notes(generic, homes.parent / "runs", homes.parent / "venv") == []
 
 
 def test_sbatch_agent_sh_header_is_the_generic_clusters():

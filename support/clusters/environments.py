@@ -88,7 +88,7 @@ def _imported_from() -> Path | None:
 
 def missing_environment(arch: str, home: Path, login: str) -> str:
     """The one line for a job (or a submission) that has no environment for `arch`."""
-    where = f"on {login}" if login else f"on a login node of that architecture ({arch})"
+    where = login or f"on a login node of that architecture ({arch})"
     setting = "" if home == environments_home() else f"MLMODELDEV_HOME={shlex.quote(str(home))} "
     return (f"no environment for {arch} under {home}/{arch} (for this requirements.lock, venv-{lock_hash()}): {where}, "
             f"in this repository, run: {setting}{MAKE_ENV.get(arch, 'make env')}")

@@ -202,10 +202,24 @@ def missing_submit_command(plan: JobPlan) -> str:
     partition = plan.partition
     if partition is None or plan.submit == "sbatch":
         return "sbatch not found: no Slurm here; run the rows on this machine with --local"
-    where = _login(plan.cluster, partition.arch, plan.res["account"]) or f"an {partition.arch} machine"
+    where = _login(plan.cluster, partition.arch, plan.res["account"]) or f"on an {partition.arch} machine"
     return (f"{plan.cluster.name}'s {partition.name} partition ({partition.arch}) takes jobs from a machine of its own "
             f"architecture or through {plan.submit} ({plan.cluster.docs}), and {plan.submit} is not on PATH here: run "
-            f"this command in {where}, or on a login node where {plan.submit} is")
+            f"this command {where}, or on a login node where {plan.submit} is")
+
+
+def storage_notes(plan: JobPlan, runs_dir: Path, environment: Path) -> list[str]:
+    """Where a site keeps small homes (its profile puts environments and runs elsewhere), a note for each that is
+    in the home directory: the environment (6 GB) and checkpoints fill a 10 or 20 GB quota, and jobs then fail."""
+    cluster, home, notes = plan.cluster, Path.home().resolve(), []
+    account = plan.res["account"] or "<project>"
+    for what, path, hint, fix in [("the environment", environment, cluster.envs, "set MLMODELDEV_HOME={} and make env"),
+                                  ("runs", runs_dir, cluster.runs, "use --runs-dir {}")]:
+        if hint.startswith(("~", ".")) or "/" not in hint or not path.resolve().is_relative_to(home):
+            continue
+        notes.append(f"note: {what} ({path.resolve()}) is in your home directory, which is small on {cluster.name}; "
+                     + fix.format(hint.replace("{account}", account)))
+    return notes
 
 
 def job_start(plan: JobPlan, local: bool = False) -> str:
