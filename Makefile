@@ -7,7 +7,7 @@
 # cache directory), pip otherwise, from the same lock; one line says which.
 #   make lock             re-resolve requirements.txt + requirements-dev.txt into requirements.lock (after changing
 #                         a pin; LOCK_OPTIONS=--upgrade takes the newest release of everything the pins allow)
-# Also: make lint, make bench, make gpu-check (on a GPU node), make env (only the environment), make clean-env.
+# Also: make check (your model through the template's contracts, ~1 min), make lint, make bench, make gpu-check (on a GPU node), make env (only the environment), make clean-env.
 # Variables: VENV=path (its place), PYTHON=python3.11, BOOTSTRAP_UV=0 (never install uv: pip unless uv is on PATH),
 # MLMODELDEV_HOME=dir (environments and uv's and pip's caches there, not in ~/.cache: README.md, "Clusters"),
 # TORCH=system (keep the torch that PYTHON already imports, for POWER9: README.md, "Environment"), TORCH_CUDA=cu126
@@ -47,7 +47,7 @@ PY := $(VENV)/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: train test lint bench gpu-check env lock lock-is-current clean-env venv-path
+.PHONY: train test check lint bench gpu-check env lock lock-is-current clean-env venv-path
 
 env: lock-is-current $(VENV)/.complete
 
@@ -194,6 +194,10 @@ train: env
 # (root, apt), runs the tests, stops it again and passes on pytest's exit code.
 test: env
 	WANDB_MODE=offline tests/slurm/with_local_slurm.sh $(PY) -m pytest $(PYTEST_ARGS)
+
+# Your model and data through the template's contracts (check.py), on the CPU, in about a minute.
+check: env
+	$(PY) check.py $(ARGS)
 
 lint: env
 	$(PY) -m ruff check .

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import http.server
+import os
 import socket
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import pytest
 import wandb
 from conftest import QUICK, REPO, script_env
 
-from support.wandb_access import choose_mode, has_wandb_credentials
+from support.wandb_access import agent_problem, choose_mode, has_wandb_credentials, server_problem
 
 KEY = "0123456789abcdef0123456789abcdef01234567"  # key-shaped: 40 characters
 
@@ -100,6 +101,41 @@ def refusing_server() -> Iterator[str]:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_port}"
     server.shutdown()
+
+
+def answering(status: int) -> type[http.server.BaseHTTPRequestHandler]:
+    class Answering(Refusing):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_error(status)
+
+        do_POST = do_GET
+
+    return Answering
+
+
+@pytest.mark.parametrize("status", [200, 401, 404, 500, 501])
+def test_a_server_that_answers_any_status_is_reachable_and_one_that_does_not_is_not(
+        status: int, no_credentials: Path, monkeypatch: pytest.MonkeyPatch):
+    """A server that answers, whatever the status (wandb's root answers 404, a proxy 501), is reachable: the run
+    starts online and wandb itself says what is wrong, rather than the run quietly going offline; an agent is let
+    start. Only silence (no route, a closed port) makes a run offline up front and stops an agent."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), answering(status))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.server_port}")
+        monkeypatch.setenv("WANDB_API_KEY", KEY)
+        monkeypatch.delenv("WANDB_MODE")
+        assert server_problem(5) is None and agent_problem(5) is None
+        assert choose_mode("auto", init_timeout=5) == ("online", None)
+        if status == 500:  # the agents' check, as sbatch_agent.sh runs it
+            checked = subprocess.run([sys.executable, str(REPO / "sweep.py"), "--check-agent"], capture_output=True,
+                                     text=True, timeout=120, env={**script_env(), "WANDB_BASE_URL": os.environ[
+                                         "WANDB_BASE_URL"], "WANDB_API_KEY": KEY, "HOME": str(no_credentials)})
+            assert checked.returncode == 0 and checked.stderr == "", checked.stderr
+    finally:
+        server.shutdown()
+    monkeypatch.setenv("WANDB_BASE_URL", closed_port_url())
+    assert "cannot reach the wandb server" in (server_problem(5) or "") and agent_problem(5) is not None
 
 
 @pytest.mark.parametrize("server", ["unreachable", "refusing"])
