@@ -43,7 +43,7 @@ from pytorch_lightning.utilities.model_helpers import is_overridden
 
 import datamodule
 import model
-from support import gpu_check, run_directory, runs, training
+from support import class_choice, gpu_check, run_directory, runs, training
 from support.cka_monitor import CKAMonitor
 from support.downloads import DownloadError
 from support.errors import SettingError, one_line
@@ -106,6 +106,7 @@ class TrainCLI(LightningCLI):
         parser.add_lightning_class_args(CKAMonitor, "cka")  # layer similarity heatmaps; --cka.every_n_epochs=0: off
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        class_choice.start_switched_classes_from_their_defaults(parser, args)  # --optimizer=SGD: SGD's defaults
         super().parse_arguments(parser, args)
         chosen = self.config.run_dir or self.config.trainer.default_root_dir or os.environ.get(RUN_DIR_ENV)
         self.run_dir = Path(chosen or Path("runs") / runs.default_run_name()).resolve()
