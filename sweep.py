@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import random
-import re
 import shlex
 import sys
 import warnings
@@ -34,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from support import sweep_space
+from support import logged_metrics, sweep_space
 from support.class_choice import same_class
 from support.errors import one_line
 from support.wandb_access import agent_problem, default_project, has_wandb_credentials
@@ -111,45 +110,12 @@ def reaches_unchanged(parsed: Any, value: Any) -> bool:
     return as_agent_value(parsed) == as_agent_value(value)
 
 
-def logged_metric_names() -> tuple[set[str], list[re.Pattern[str]], bool]:
-    """What the model logs, read from the source of train.MODEL_CLASS's file: the literal names of its
-    `self.log("name", ...)` calls, the patterns of f-string names (`f"{stage}/loss"` matches val/loss), and whether
-    some log call names its metrics in a way that only running tells (a variable, log_dict)."""
-    import ast
-    import inspect
-
+def metric_problem(metric: str) -> tuple[str, bool] | None:
+    """Why `metric` may never be logged by train.py's MODEL_CLASS, and whether that is certain (an error) or only
+    unverifiable (a warning); read from the class's own source (support/logged_metrics.py)."""
     import train
 
-    tree = ast.parse(Path(inspect.getsourcefile(train.MODEL_CLASS) or "model.py").read_text())
-    names, patterns, unknowable = set(), [], False
-    for node in ast.walk(tree):
-        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
-            continue
-        if node.func.attr == "log_dict":
-            unknowable = True
-        if node.func.attr != "log" or not node.args:
-            continue
-        first = node.args[0]
-        if isinstance(first, ast.Constant) and isinstance(first.value, str):
-            names.add(first.value)
-        elif isinstance(first, ast.JoinedStr):  # an f-string: its literal parts, anything in between
-            parts = [re.escape(p.value) if isinstance(p, ast.Constant) else ".+" for p in first.values]
-            patterns.append(re.compile("".join(parts)))
-        else:
-            unknowable = True
-    return names, patterns, unknowable
-
-
-def metric_problem(metric: str) -> tuple[str, bool] | None:
-    """Why `metric` may never be logged, and whether that is certain (an error) or only unverifiable (a warning)."""
-    names, patterns, unknowable = logged_metric_names()
-    if metric in names or any(p.fullmatch(metric) for p in patterns):
-        return None
-    logged = ", ".join(sorted(names) + [p.pattern.replace("\\", "") for p in patterns]) or "nothing found"
-    if unknowable:
-        return f"{metric!r} is not among the names the model's source logs ({logged}); it may be logged under a name " \
-               "only a run shows", False
-    return f"{metric!r} is never logged; the model logs {logged}", True
+    return logged_metrics.metric_problem(metric, train.MODEL_CLASS)
 
 
 def train_config(argv: list[str]) -> Any:
