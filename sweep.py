@@ -216,6 +216,16 @@ def notes(config: dict[str, Any]) -> list[str]:
     return found
 
 
+def data_defaults(config: dict[str, Any]) -> str:
+    """The data settings every run takes from train.py's defaults (the sweep sets none of them): which dataset and
+    data the rows train on, said before anything runs."""
+    data = train_config([]).as_dict()["data"]
+    data = data.get("init_args", data) if "class_path" in data else data  # a DataModule given by class_path
+    left = {key: value for key, value in data.items() if f"data.{key}" not in config["parameters"]}
+    return ("every run trains on train.py's default data settings: "
+            + " ".join(f"data.{key}={value}" for key, value in left.items())) if left else ""
+
+
 def validate(config: dict[str, Any] = SWEEP_CONFIG) -> dict[str, Any]:
     """Check a sweep config against wandb's own schema and against train.py's command line, before anything is
     created. Returns the config with wandb's defaults filled in (its metric, if none, from train.py's MONITOR);
@@ -343,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
           f"({f'grid of {grid} runs' if grid else 'continuous'}), {metric['goal']} {metric['name']}")
     for note in notes(SWEEP_CONFIG):
         print(f"warning: {note}")
+    if defaults := data_defaults(config):
+        print(defaults)
     size = grid if config["method"] == "grid" else 20
     if args.dry_run:
         path = f"{args.entity or '<your entity>'}/{args.project}/<sweep id>"
