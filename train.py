@@ -27,7 +27,6 @@ From another script: `import train; train.main(["--trainer.max_epochs=2"])` or
 from __future__ import annotations
 
 import contextlib
-import inspect
 import os
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,7 @@ from pytorch_lightning.utilities.model_helpers import is_overridden
 
 import datamodule
 import model
-from support import class_choice, gpu_check, run_directory, runs, training
+from support import class_choice, gpu_check, linking, run_directory, runs, training
 from support.cka_monitor import CKAMonitor
 from support.downloads import DownloadError
 from support.errors import SettingError, one_line
@@ -64,17 +63,10 @@ RUN_DIR_ENV = "TRAIN_RUN_DIR"  # hands the run directory to DDP worker processes
 
 
 def linked_arguments() -> list[tuple[str, str]]:
-    """(name, when) for each LINKED name that the model's constructor takes and the DataModule provides: as a
-    property or class attribute (linked once the DataModule exists), or as a constructor argument (at parsing)."""
-    model_args = inspect.signature(MODEL_CLASS.__init__).parameters
-    data_args = inspect.signature(DATAMODULE_CLASS.__init__).parameters
-    links = []
-    for name in (name for name in LINKED if name in model_args):
-        if hasattr(DATAMODULE_CLASS, name):
-            links.append((name, "instantiate"))
-        elif name in data_args:
-            links.append((name, "parse"))
-    return links
+    """(name, when) for each LINKED name that the model's constructor takes and the DataModule provides (as a
+    property, class attribute or attribute set in its constructor: once it exists; as a constructor argument: at
+    parsing). One that it does not provide gets one warning saying why (support/linking.py)."""
+    return linking.links(LINKED, MODEL_CLASS, DATAMODULE_CLASS)
 
 
 class TrainCLI(LightningCLI):
