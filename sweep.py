@@ -123,9 +123,7 @@ def train_config(argv: list[str]) -> Any:
     it with. The one way sweep.py and slurm_train.py read train.py's settings."""
     import train  # imported here, not at the top: --check-agent runs on login nodes and should not load torch
 
-    with warnings.catch_warnings():  # Lightning warns when args= comes with a sys.argv (this script's own)
-        warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python")
-        return train.parse_config(argv)
+    return train.parse_config(argv)
 
 
 def _parse(run: dict[str, Any]) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +100,9 @@ class TrainCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         class_choice.start_switched_classes_from_their_defaults(parser, args)  # --optimizer=SGD: SGD's defaults
-        super().parse_arguments(parser, args)
+        with warnings.catch_warnings():  # Lightning warns when args= comes with a sys.argv: meant here (evaluate.py)
+            warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python")
+            super().parse_arguments(parser, args)
         chosen = self.config.run_dir or self.config.trainer.default_root_dir or os.environ.get(RUN_DIR_ENV)
         self.run_dir = Path(chosen or Path("runs") / runs.default_run_name()).resolve()
         runs.check_run_dir_and_checkpoint(self.run_dir, self.config.ckpt_path)  # before anything is written
@@ -166,7 +169,14 @@ def parse_config(args: list[str] | dict[str, Any]) -> Any:
 def fit_and_test(cli: TrainCLI) -> dict[str, Any]:
     """Train, then test the best checkpoint (by MONITOR, or --checkpoint.monitor); returns the final metrics."""
     trainer, config = cli.trainer, cli.config
-    trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=config.ckpt_path)
+    with warnings.catch_warnings():
+        if config.ckpt_path:  # a resume continues in its own checkpoint directory: of course it is not empty
+            warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+        trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=config.ckpt_path)
+    stopper = trainer.early_stopping_callback
+    if trainer.is_global_zero and stopper is not None and stopper.stopping_reason_message:  # max_epochs has a line
+        print(f"early stopping ended the run after epoch {stopper.stopped_epoch + 1}: "
+              f"{one_line(stopper.stopping_reason_message)}", flush=True)
     best = cli.config_init.checkpoint.best_model_path  # the callback that monitors MONITOR
     results: dict[str, Any] = {}
     if is_overridden("test_step", cli.model) and is_overridden("test_dataloader", cli.datamodule):

@@ -140,6 +140,11 @@ class LogLineProgress(ProgressBar):
         print(" | ".join([what, *parts]), flush=True)
         self.last_print = time.monotonic()
 
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # A run resumed mid-epoch gets no on_train_epoch_start for that epoch: its first epoch line timed the epoch
+        # from 0.0, i.e. from the machine's boot (7775.2s for a sub-second epoch); now from the resume.
+        self.epoch_start = time.monotonic()
+
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.epoch_start = time.monotonic()
 
