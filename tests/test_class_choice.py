@@ -55,3 +55,5 @@ def test_the_class_given_is_read_from_every_form() -> None:
     assert class_choice.given_class(["--model.encoder", "{class_path: a.B}"], "model.encoder") == "a.B"
     assert class_choice.given_class({"model": {"encoder": {"class_path": "a.B"}}}, "model.encoder") == "a.B"
     assert class_choice.same_class("SGD", "torch.optim.SGD") and not class_choice.same_class("SGD", "torch.optim.ASGD")
+    assert class_choice.given_options(["--optimizer=SGD", "--a.b", "1"]) == {"optimizer", "a.b"}
+    assert class_choice.given_options({"model": {"encoder": "x"}}) == {"model", "model.encoder"}
