@@ -151,8 +151,9 @@ def _class_hint(name: str, run: dict[str, Any]) -> str:
     owner, _, arg = name.rpartition(".")
     if owner not in run:
         return ""
-    return (f"; {run[owner]} takes no {arg}: give each class its own arguments in the values of {owner}, e.g. "
-            f'{{"values": [{{"class_path": "{run[owner]}"}}, {{"class_path": "<a class with {arg}>", '
+    chosen = run[owner].get("class_path") if isinstance(run[owner], dict) else run[owner]
+    return (f"; {chosen} takes no {arg}: give each class its own arguments in the values of {owner}, e.g. "
+            f'{{"values": [{{"class_path": "{chosen}"}}, {{"class_path": "<a class with {arg}>", '
             f'"init_args": {{"{arg}": {json.dumps(run[name])}}}}}]}}, and drop parameters/{name}')
 
 
@@ -279,12 +280,12 @@ def random_configs(n: int, seed: int = 0, config: dict[str, Any] = SWEEP_CONFIG)
     """n random draws from the parameters' distributions, as wandb's random search draws them but repeating no
     point while the space has unseen ones (support/sweep_space.py); the same for the same seed. The draws come from
     Python's global `random` (and numpy for some): both are seeded, then restored."""
-    sweeps.SweepConfig(with_default_metric(config))  # wandb's own checks, with the metric every engine call sees
+    filled = sweeps.SweepConfig(with_default_metric(config))  # wandb's checks and defaults, as its engine has them
     states = random.getstate(), np.random.get_state()
     random.seed(seed)
     np.random.seed(seed)
     try:
-        draws = sweep_space.random_draws(config["parameters"], n)
+        draws = sweep_space.random_draws(filled["parameters"], n)
     finally:
         random.setstate(states[0])
         np.random.set_state(states[1])
