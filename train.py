@@ -174,7 +174,9 @@ def fit_and_test(cli: TrainCLI) -> dict[str, Any]:
             warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
         trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=config.ckpt_path)
     stopper = trainer.early_stopping_callback
-    if trainer.is_global_zero and stopper is not None and stopper.stopping_reason_message:  # max_epochs has a line
+    # Lightning prints a line for max_epochs, none for early stopping. should_stop: this fit stopped, not one whose
+    # checkpoint (and EarlyStopping's state) a resume loaded.
+    if trainer.is_global_zero and trainer.should_stop and stopper is not None and stopper.stopping_reason_message:
         print(f"early stopping ended the run after epoch {stopper.stopped_epoch + 1}: "
               f"{one_line(stopper.stopping_reason_message)}", flush=True)
     best = cli.config_init.checkpoint.best_model_path  # the callback that monitors MONITOR

@@ -35,6 +35,10 @@ def test_a_run_ended_by_early_stopping_says_so(toy_in_train: None, capsys: pytes
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("early stopping")]
     assert len(lines) == 1 and re.match(r"early stopping ended the run after epoch 1: Stopping threshold reached: "
                                         r"val/loss = \S+ < 100", lines[0]), lines
+    # Resumed and ended by max_epochs: the early stop that its checkpoint recorded is not this run's.
+    train.main(QUICK + ["--trainer.max_epochs=2", "--run_dir=run", "--ckpt_path=last",
+                        "--early_stopping.stopping_threshold=0"])
+    assert "early stopping" not in capsys.readouterr().out
 
 
 def test_a_resume_is_quiet_about_its_own_checkpoints_and_times_its_first_epoch(toy_in_train: None,
