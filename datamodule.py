@@ -1,6 +1,6 @@
 """The data: a LightningDataModule over image-classification datasets held as compact tensors. Edit it freely.
 
-    python datamodule.py                                          # prepare the default dataset (digits) into ./data
+    python datamodule.py                                  # prepare DEFAULT_DATASET (the embedded digits) in ./data
     python datamodule.py --dataset mnist --data_dir /scratch/$USER/data       # on a login node, with internet
     python datamodule.py --dataset cifar10 --mirror http://mirror.example.org/datasets/{dataset}/
     python train.py --data.dataset=mnist --data.data_dir=/scratch/$USER/data    # then on any node, offline
@@ -15,7 +15,8 @@ records the declaration (files, checksums, build function), so editing one rebui
 
 To use your own data: write a function that takes the raw directory and returns {"x": uint8 (N, C, H, W),
 "y": int64 (N,)} (optionally also "x_test"/"y_test" for an official test split), and add a DatasetSpec for it to
-DATASETS, with `files=remote_files([mirror URLs], {file name: "sha256:<hex>"})` if it is downloaded.
+DATASETS, with `files=remote_files([mirror URLs], {file name: "sha256:<hex>"})` if it is downloaded; name it in
+DEFAULT_DATASET to make it what `python train.py`, sweeps and grids train on.
 """
 
 from __future__ import annotations
@@ -108,6 +109,8 @@ DATASETS: dict[str, DatasetSpec] = {
     "cifar10": DatasetSpec(3, 10, 255, build_cifar10, remote_files(
         ["https://www.cs.toronto.edu/~kriz/"], {"cifar-10-python.tar.gz": "md5:c58f30108f718f92721af3b95e74349a"})),
 }
+# What every run, sweep and grid trains on unless --data.dataset (or SWEEP_CONFIG's data.dataset) names another.
+DEFAULT_DATASET = "digits"
 
 
 def dataset_spec(name: str) -> DatasetSpec:
@@ -121,7 +124,7 @@ class DataModule(pl.LightningDataModule):
     """Seeded train/val/test splits of one dataset from DATASETS.
 
     Args:
-        dataset: name of a dataset declared in DATASETS.
+        dataset: name of a dataset declared in DATASETS (default: DEFAULT_DATASET).
         data_dir: where prepared datasets live (shared between runs; use scratch space on a cluster).
         batch_size: samples per batch for every split.
         num_workers: DataLoader worker processes (0 is fastest for in-memory tensors).
@@ -138,7 +141,7 @@ class DataModule(pl.LightningDataModule):
         fold: which fold validates, 0..folds-1.
     """
 
-    def __init__(self, dataset: str = "digits", data_dir: str = "data", batch_size: int = 64,
+    def __init__(self, dataset: str = DEFAULT_DATASET, data_dir: str = "data", batch_size: int = 64,
                  num_workers: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.15,
                  split_seed: int = 0, mirror: str | None = None, folds: int = 1, fold: int = 0) -> None:
         super().__init__()
@@ -253,7 +256,7 @@ def keep_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Prepare a dataset once (e.g. on a login node), then exit.")
-    parser.add_argument("--dataset", default="digits", choices=sorted(DATASETS))
+    parser.add_argument("--dataset", default=DEFAULT_DATASET, choices=sorted(DATASETS))
     parser.add_argument("--data_dir", default="data")
     parser.add_argument("--mirror", help=f"base URL to use instead of the declared mirrors (default ${MIRROR_ENV})")
     args = parser.parse_args(argv)

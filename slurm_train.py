@@ -114,13 +114,14 @@ def check_rows(rows: list[dict[str, Any]], extra: list[str], res: dict[str, Any]
     Keys only depend on the keys of their own group (optimizer.lr on --optimizer=SGD: a class and its arguments),
     so each parse takes the next distinct values of every group: 1,000 rows of 10x10x10 values take 10 parses,
     the first being row 0. When one fails, its groups are parsed alone to name the row."""
-    groups: dict[str, dict[tuple[tuple[str, Any], ...], int]] = {}  # group -> its distinct values -> first row
+    # group -> its distinct values (as JSON: a class value is a dict) -> those values and their first row
+    groups: dict[str, dict[str, tuple[tuple[tuple[str, Any], ...], int]]] = {}
     for index, row in enumerate(rows):
         for key in sorted(row):
             prefix = key.split(".")[0]
             items = tuple(sorted((k, v) for k, v in row.items() if k.split(".")[0] == prefix))
-            groups.setdefault(prefix, {}).setdefault(items, index)
-    tables = [list(values.items()) for values in groups.values()]
+            groups.setdefault(prefix, {}).setdefault(json.dumps(items, default=str), (items, index))
+    tables = [list(values.values()) for values in groups.values()]
     tasks, gpus, nodes = res["ntasks_per_node"], res["gpus_per_node"], res["nodes"]
     for j in range(max(len(table) for table in tables)):
         picked = [table[j % len(table)] for table in tables]

@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
-import re
 import shlex
 import sys
 import warnings
@@ -35,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from support import logged_metrics, sweep_space
+from support.class_choice import same_class
 from support.errors import one_line
 from support.wandb_access import agent_problem, default_project, has_wandb_credentials
 
@@ -56,6 +56,9 @@ SWEEP_CONFIG: dict[str, Any] = {
     "early_terminate": {"type": "hyperband", "min_iter": 3, "eta": 3},
     # Full dotted train.py keys (see `python train.py --help`). Lists of values keep the grid enumerable;
     # random and bayes also take distributions: {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-2}.
+    # A class with its own arguments, as in train.py's config (each class starts from its own defaults):
+    # "optimizer": {"values": [{"class_path": "torch.optim.Adam"},
+    #                          {"class_path": "torch.optim.SGD", "init_args": {"momentum": 0.9}}]},
     "parameters": {
         "model.hidden_dim": {"values": [64, 128, 256]},
         "model.dropout": {"values": [0.0, 0.1, 0.3]},
@@ -95,51 +98,24 @@ def _lookup(tree: dict[str, Any], key: str) -> Any:
 
 
 def reaches_unchanged(parsed: Any, value: Any) -> bool:
-    """Whether the value train.py parsed is the value the sweep gave."""
-    if isinstance(parsed, dict) and "class_path" in parsed:  # --optimizer=SGD: a class given by (short) name
-        return value in (parsed["class_path"], parsed["class_path"].rsplit(".", 1)[-1])
+    """Whether the value train.py parsed is the value the sweep gave. A class (--optimizer=SGD, or a value
+    {"class_path": "torch.optim.SGD", "init_args": {"momentum": 0.9}}) arrives with all of its init_args: it reaches
+    train.py unchanged when the class is the one named and each init_arg given has the value given."""
+    if isinstance(parsed, dict) and "class_path" in parsed:
+        given = value if isinstance(value, dict) else {"class_path": value}
+        init_args = parsed.get("init_args") or {}
+        return (isinstance(given.get("class_path"), str) and same_class(given["class_path"], parsed["class_path"])
+                and all(name in init_args and reaches_unchanged(init_args[name], arg)
+                        for name, arg in (given.get("init_args") or {}).items()))
     return as_agent_value(parsed) == as_agent_value(value)
 
 
-def logged_metric_names() -> tuple[set[str], list[re.Pattern[str]], bool]:
-    """What the model logs, read from the source of train.MODEL_CLASS's file: the literal names of its
-    `self.log("name", ...)` calls, the patterns of f-string names (`f"{stage}/loss"` matches val/loss), and whether
-    some log call names its metrics in a way that only running tells (a variable, log_dict)."""
-    import ast
-    import inspect
-
+def metric_problem(metric: str) -> tuple[str, bool] | None:
+    """Why `metric` may never be logged by train.py's MODEL_CLASS, and whether that is certain (an error) or only
+    unverifiable (a warning); read from the class's own source (support/logged_metrics.py)."""
     import train
 
-    tree = ast.parse(Path(inspect.getsourcefile(train.MODEL_CLASS) or "model.py").read_text())
-    names, patterns, unknowable = set(), [], False
-    for node in ast.walk(tree):
-        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
-            continue
-        if node.func.attr == "log_dict":
-            unknowable = True
-        if node.func.attr != "log" or not node.args:
-            continue
-        first = node.args[0]
-        if isinstance(first, ast.Constant) and isinstance(first.value, str):
-            names.add(first.value)
-        elif isinstance(first, ast.JoinedStr):  # an f-string: its literal parts, anything in between
-            parts = [re.escape(p.value) if isinstance(p, ast.Constant) else ".+" for p in first.values]
-            patterns.append(re.compile("".join(parts)))
-        else:
-            unknowable = True
-    return names, patterns, unknowable
-
-
-def metric_problem(metric: str) -> tuple[str, bool] | None:
-    """Why `metric` may never be logged, and whether that is certain (an error) or only unverifiable (a warning)."""
-    names, patterns, unknowable = logged_metric_names()
-    if metric in names or any(p.fullmatch(metric) for p in patterns):
-        return None
-    logged = ", ".join(sorted(names) + [p.pattern.replace("\\", "") for p in patterns]) or "nothing found"
-    if unknowable:
-        return f"{metric!r} is not among the names the model's source logs ({logged}); it may be logged under a name " \
-               "only a run shows", False
-    return f"{metric!r} is never logged; the model logs {logged}", True
+    return logged_metrics.metric_problem(metric, train.MODEL_CLASS)
 
 
 def train_config(argv: list[str]) -> Any:
@@ -147,9 +123,7 @@ def train_config(argv: list[str]) -> Any:
     it with. The one way sweep.py and slurm_train.py read train.py's settings."""
     import train  # imported here, not at the top: --check-agent runs on login nodes and should not load torch
 
-    with warnings.catch_warnings():  # Lightning warns when args= comes with a sys.argv (this script's own)
-        warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python")
-        return train.parse_config(argv)
+    return train.parse_config(argv)
 
 
 def _parse(run: dict[str, Any]) -> dict[str, Any]:
@@ -158,17 +132,29 @@ def _parse(run: dict[str, Any]) -> dict[str, Any]:
 
 def _culprit(run: dict[str, Any], message: str) -> str:
     """The parameter a train.py error is about: the one it names, else the one without which the rest parses
-    ('Parser key "optimizer"' for --optimizer.momentum=0.9 without --optimizer=SGD)."""
+    ('Parser key "optimizer"' for --optimizer.momentum=0.9 without --optimizer=SGD). An argument of a class
+    (optimizer.momentum) is blamed before its class when the class alone parses: --optimizer=Adam is fine, it is the
+    momentum that Adam lacks."""
     named = [name for name in run if f"--{name}=" in message or f'"{name}"' in message]
-    if named:
-        return named[0]
-    for name in run:
+    suspects = [arg for name in named for arg in run if arg.startswith(f"{name}.")] + list(run)
+    for name in suspects if named else run:
         try:
             _parse({k: v for k, v in run.items() if k != name})
             return name
         except Exception:
             continue
-    return "parameters"
+    return named[0] if named else "parameters"
+
+
+def _class_hint(name: str, run: dict[str, Any]) -> str:
+    """For an argument that only some of a class parameter's classes take: how to write it per class."""
+    owner, _, arg = name.rpartition(".")
+    if owner not in run:
+        return ""
+    chosen = run[owner].get("class_path") if isinstance(run[owner], dict) else run[owner]
+    return (f"; {chosen} takes no {arg}: give each class its own arguments in the values of {owner}, e.g. "
+            f'{{"values": [{{"class_path": "{chosen}"}}, {{"class_path": "<a class with {arg}>", '
+            f'"init_args": {{"{arg}": {json.dumps(run[name])}}}}}]}}, and drop parameters/{name}')
 
 
 def _cli_errors(parameters: dict[str, dict[str, Any]]) -> list[str]:
@@ -187,8 +173,10 @@ def _cli_errors(parameters: dict[str, dict[str, Any]]) -> list[str]:
             if message not in culprits:
                 culprits[message] = _culprit(run, message)
             name = culprits[message]
-            given = f"--{name}={run[name]}" if name in run else " ".join(to_argv(run))
-            hint = "; None cannot be given on the command line: leave the key out" if run.get(name, 0) is None else ""
+            owner = name.rpartition(".")[0]
+            given = " ".join(f"--{key}={run[key]}" for key in (owner, name) if key in run) or " ".join(to_argv(run))
+            hint = "; None cannot be given on the command line: leave the key out" if run.get(name, 0) is None else \
+                _class_hint(name, run)
             errors.setdefault(name, f"parameters/{name}: train.py rejects {given}: {message}{hint}")
             continue
         for name, value in run.items():
@@ -225,6 +213,16 @@ def notes(config: dict[str, Any]) -> list[str]:
     if (problem := metric_problem(metric)) and not problem[1]:
         found.append(f"metric/name: {problem[0]}")
     return found
+
+
+def data_defaults(config: dict[str, Any]) -> str:
+    """The data settings every run takes from train.py's defaults (the sweep sets none of them): which dataset and
+    data the rows train on, said before anything runs."""
+    data = train_config([]).as_dict()["data"]
+    data = data.get("init_args", data) if "class_path" in data else data  # a DataModule given by class_path
+    left = {key: value for key, value in data.items() if f"data.{key}" not in config["parameters"]}
+    return ("every run trains on train.py's default data settings: "
+            + " ".join(f"data.{key}={value}" for key, value in left.items())) if left else ""
 
 
 def validate(config: dict[str, Any] = SWEEP_CONFIG) -> dict[str, Any]:
@@ -265,6 +263,7 @@ def _runs_to_dicts(runs: list[Any]) -> list[dict[str, Any]]:
 
 def grid_configs(config: dict[str, Any] = SWEEP_CONFIG) -> list[dict[str, Any]]:
     """Every combination of the parameters' values (the product), in the order wandb's grid search uses."""
+    config = with_default_metric(config)  # every engine call sees the metric the sweep ranks by
     try:
         runs = sweeps.next_runs({**config, "method": "grid"}, [], validate=True, n=grid_size(config) + 1)
     except ValueError as err:  # "Parameter X is a disallowed type with grid search ..."
@@ -274,34 +273,23 @@ def grid_configs(config: dict[str, Any] = SWEEP_CONFIG) -> list[dict[str, Any]]:
 
 def grid_size(config: dict[str, Any] = SWEEP_CONFIG) -> int:
     """The number of runs in the grid, or 0 when a parameter is a continuous distribution."""
-    sizes = []
-    for name, spec in config["parameters"].items():
-        param = HyperParameter(name, spec)
-        if param.type == HyperParameter.CONSTANT:
-            sizes.append(1)
-        elif param.type == HyperParameter.CATEGORICAL:
-            sizes.append(len(param.config["values"]))
-        elif param.type == HyperParameter.INT_UNIFORM:
-            sizes.append(param.config["max"] - param.config["min"] + 1)
-        elif param.type == HyperParameter.Q_UNIFORM:  # as the grid search expands it
-            sizes.append(len(np.arange(param.config["min"], param.config["max"], param.config["q"])))
-        else:
-            return 0
-    return math.prod(sizes)
+    return sweep_space.grid_size(config["parameters"])
 
 
 def random_configs(n: int, seed: int = 0, config: dict[str, Any] = SWEEP_CONFIG) -> list[dict[str, Any]]:
-    """n random draws from the parameters' distributions by wandb's random search; the same for the same seed.
-    The engine draws from Python's global `random` (and numpy for some): both are seeded, then restored."""
+    """n random draws from the parameters' distributions, as wandb's random search draws them but repeating no
+    point while the space has unseen ones (support/sweep_space.py); the same for the same seed. The draws come from
+    Python's global `random` (and numpy for some): both are seeded, then restored."""
+    filled = sweeps.SweepConfig(with_default_metric(config))  # wandb's checks and defaults, as its engine has them
     states = random.getstate(), np.random.get_state()
     random.seed(seed)
     np.random.seed(seed)
     try:
-        runs = sweeps.next_runs({**config, "method": "random"}, [], validate=True, n=n)
+        draws = sweep_space.random_draws(filled["parameters"], n)
     finally:
         random.setstate(states[0])
         np.random.set_state(states[1])
-    return _runs_to_dicts(runs)
+    return [{name: as_agent_value(value) for name, value in run.items()} for run in draws]
 
 
 def to_argv(run: dict[str, Any]) -> list[str]:
@@ -352,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = validate(SWEEP_CONFIG)
         if args.list:
-            runs = random_configs(args.samples, args.seed) if args.samples is not None else grid_configs()
+            runs = (random_configs(args.samples, args.seed, SWEEP_CONFIG) if args.samples is not None
+                    else grid_configs(SWEEP_CONFIG))
             print("\n".join(shlex.join(["python", "train.py", *to_argv(run)]) for run in runs))
             return 0
     except SweepConfigError as err:
@@ -363,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
           f"({f'grid of {grid} runs' if grid else 'continuous'}), {metric['goal']} {metric['name']}")
     for note in notes(SWEEP_CONFIG):
         print(f"warning: {note}")
+    if defaults := data_defaults(config):
+        print(defaults)
     size = grid if config["method"] == "grid" else 20
     if args.dry_run:
         path = f"{args.entity or '<your entity>'}/{args.project}/<sweep id>"

@@ -27,8 +27,8 @@ From another script: `import train; train.main(["--trainer.max_epochs=2"])` or
 from __future__ import annotations
 
 import contextlib
-import inspect
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,7 @@ from pytorch_lightning.utilities.model_helpers import is_overridden
 
 import datamodule
 import model
-from support import gpu_check, run_directory, runs, training
+from support import class_choice, gpu_check, linking, run_directory, runs, training
 from support.cka_monitor import CKAMonitor
 from support.downloads import DownloadError
 from support.errors import SettingError, one_line
@@ -64,17 +64,10 @@ RUN_DIR_ENV = "TRAIN_RUN_DIR"  # hands the run directory to DDP worker processes
 
 
 def linked_arguments() -> list[tuple[str, str]]:
-    """(name, when) for each LINKED name that the model's constructor takes and the DataModule provides: as a
-    property or class attribute (linked once the DataModule exists), or as a constructor argument (at parsing)."""
-    model_args = inspect.signature(MODEL_CLASS.__init__).parameters
-    data_args = inspect.signature(DATAMODULE_CLASS.__init__).parameters
-    links = []
-    for name in (name for name in LINKED if name in model_args):
-        if hasattr(DATAMODULE_CLASS, name):
-            links.append((name, "instantiate"))
-        elif name in data_args:
-            links.append((name, "parse"))
-    return links
+    """(name, when) for each LINKED name that the model's constructor takes and the DataModule provides (as a
+    property, class attribute or attribute set in its constructor: once it exists; as a constructor argument: at
+    parsing). One that it does not provide gets one warning saying why (support/linking.py)."""
+    return linking.links(LINKED, MODEL_CLASS, DATAMODULE_CLASS)
 
 
 class TrainCLI(LightningCLI):
@@ -106,7 +99,10 @@ class TrainCLI(LightningCLI):
         parser.add_lightning_class_args(CKAMonitor, "cka")  # layer similarity heatmaps; --cka.every_n_epochs=0: off
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        super().parse_arguments(parser, args)
+        class_choice.start_switched_classes_from_their_defaults(parser, args)  # --optimizer=SGD: SGD's defaults
+        with warnings.catch_warnings():  # Lightning warns when args= comes with a sys.argv: meant here (evaluate.py)
+            warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python")
+            super().parse_arguments(parser, args)
         chosen = self.config.run_dir or self.config.trainer.default_root_dir or os.environ.get(RUN_DIR_ENV)
         self.run_dir = Path(chosen or Path("runs") / runs.default_run_name()).resolve()
         runs.check_run_dir_and_checkpoint(self.run_dir, self.config.ckpt_path)  # before anything is written
@@ -173,7 +169,16 @@ def parse_config(args: list[str] | dict[str, Any]) -> Any:
 def fit_and_test(cli: TrainCLI) -> dict[str, Any]:
     """Train, then test the best checkpoint (by MONITOR, or --checkpoint.monitor); returns the final metrics."""
     trainer, config = cli.trainer, cli.config
-    trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=config.ckpt_path)
+    with warnings.catch_warnings():
+        if config.ckpt_path:  # a resume continues in its own checkpoint directory: of course it is not empty
+            warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+        trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=config.ckpt_path)
+    stopper = trainer.early_stopping_callback
+    # Lightning prints a line for max_epochs, none for early stopping. should_stop: this fit stopped, not one whose
+    # checkpoint (and EarlyStopping's state) a resume loaded.
+    if trainer.is_global_zero and trainer.should_stop and stopper is not None and stopper.stopping_reason_message:
+        print(f"early stopping ended the run after epoch {stopper.stopped_epoch + 1}: "
+              f"{one_line(stopper.stopping_reason_message)}", flush=True)
     best = cli.config_init.checkpoint.best_model_path  # the callback that monitors MONITOR
     results: dict[str, Any] = {}
     if is_overridden("test_step", cli.model) and is_overridden("test_dataloader", cli.datamodule):

@@ -32,6 +32,7 @@ from pytorch_lightning import LightningModule
 from pytorch_lightning.cli import LightningArgumentParser
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.model_helpers import is_overridden
+from torch.nn.parameter import is_lazy
 
 from support.atomic import write_atomic
 from support.errors import SettingError
@@ -127,12 +128,14 @@ def checkpoint_mismatch(model: LightningModule, checkpoint: dict[str, Any]) -> s
     the parameters it already has."""
     saved = {key: tuple(value.shape) for key, value in checkpoint.get("state_dict", {}).items()
              if isinstance(value, torch.Tensor)}
-    built = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    state = model.state_dict()
+    lazy = {key for key, value in state.items() if is_lazy(value)}  # shaped by the checkpoint when it loads
+    built = {key: tuple(value.shape) for key, value in state.items() if key not in lazy}
     problems = [f"{key}: checkpoint {saved[key]}, settings {shape}" for key, shape in built.items()
                 if key in saved and saved[key] != shape]
     if model.strict_loading and not is_overridden("configure_model", model, LightningModule):
         problems += [f"{key} missing from the checkpoint" for key in built if key not in saved]
-        problems += [f"{key} not in the model" for key in saved if key not in built]
+        problems += [f"{key} not in the model" for key in saved if key not in built and key not in lazy]
     if not problems:
         return None
     return "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from support.atomic import write_atomic
+from support.sweep_space import plain, random_draws
 
 SEARCH_FILE, LOCK_FILE = "search.json", "search.lock"
 RECORD_ENV = "SEARCH_RUN_RECORD"  # the record of the run train.py is training (set by the worker)
@@ -190,11 +191,6 @@ def engine_runs(records: list[dict[str, Any]], metric: str) -> list[Any]:
     return runs
 
 
-def plain(value: Any) -> Any:
-    """The engine's numpy scalars as JSON values (np.int64(64) -> 64), as a wandb agent would receive them."""
-    return value.item() if hasattr(value, "item") else value
-
-
 @contextmanager
 def search_lock(search_dir: Path, timeout: float = 600.0) -> Iterator[None]:
     from filelock import SoftFileLease, Timeout
@@ -261,14 +257,16 @@ def propose(search: dict[str, Any], records: list[dict[str, Any]], number: int) 
     try:
         with warnings.catch_warnings():  # scikit-learn's Gaussian process warns on every fit near a length bound
             warnings.simplefilter("ignore")
-            run = engine().next_run(config, engine_runs(records, config["metric"]["name"]))
+            if config["method"] == "random":  # wandb's draws, without repeating a run while unseen points remain
+                [settings] = random_draws(config["parameters"], 1, seen=[r["config"] for r in records])
+            elif (run := engine().next_run(config, engine_runs(records, config["metric"]["name"]))) is None:
+                return None
+            else:
+                settings = {key: plain(item["value"]) for key, item in sorted(run.config.items())}
     finally:
         random.setstate(states[0])
         np.random.set_state(states[1])
-    if run is None:
-        return None
     now = time.time()
-    settings = {key: plain(item["value"]) for key, item in sorted(run.config.items())}
     return {"number": number, "name": f"run-{number:04d}", "config": settings, "state": "running",
             "owner": None, "attempts": 0, "created": now, "ended": None, "history": [], "best": None,
             "stopped_early": False, "exit_code": None, "test": {}}

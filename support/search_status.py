@@ -77,6 +77,11 @@ def varying_keys(configs: list[dict[str, Any]]) -> tuple[list[str], dict[str, An
     return [key for key in keys if key not in constant], constant
 
 
+def extra_settings(extra: list[str]) -> dict[str, str]:
+    """The --key=value settings among the arguments given after `--` (the last of each key: train.py's rule)."""
+    return dict(arg[2:].split("=", 1) for arg in extra if arg.startswith("--") and "=" in arg)
+
+
 def status_lines(search_dir: Path) -> list[str]:
     search, records = snapshot(search_dir)
     metric, goal = search["sweep"]["metric"]["name"], search["sweep"]["metric"]["goal"]
@@ -91,7 +96,13 @@ def status_lines(search_dir: Path) -> list[str]:
     if search.get("extra"):  # given after `--`: they come after the proposed settings, so they win
         lines.append("every run also: " + " ".join(search["extra"]))
     varying, constant = varying_keys([r["config"] for r in records]) if records else ([], {})
-    if constant:
+    overridden = {key: value for key, value in extra_settings(search.get("extra", [])).items()
+                  if key in search["sweep"].get("parameters", {})}
+    for key, value in overridden.items():
+        lines.append(f"applied: {key}={value} (given after --, it overrides the sweep's "
+                     f"{value_text(constant[key]) if key in constant else 'values'} in every run)")
+    varying = [key for key in varying if key not in overridden]  # their sweep values never reached a run
+    if constant := {key: value for key, value in constant.items() if key not in overridden}:
         lines.append("fixed: " + ", ".join(f"{key}={value_text(value)}" for key, value in constant.items()))
     rows = [[str(r["number"]), LABELS.get(r["shown_state"], r["shown_state"]),
              "-" if r.get("best") is None else f"{r['best']:.4g}", str(len(r["history"])),

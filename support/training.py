@@ -28,6 +28,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from support.atomic import write_atomic
 from support.errors import SettingError
+from support.lazy_layers import MaterializeLazyLayers
 from support.resumable import ExactEpochMeans, ResumableTrainingData
 from support.rng_state import ResumeRNGState
 from support.run_directory import CONFIG_FILE, record_config, rerunnable
@@ -138,6 +139,11 @@ class LogLineProgress(ProgressBar):
         parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in sorted(metrics.items())]
         print(" | ".join([what, *parts]), flush=True)
         self.last_print = time.monotonic()
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # A run resumed mid-epoch gets no on_train_epoch_start for that epoch: its first epoch line timed the epoch
+        # from 0.0, i.e. from the machine's boot (7775.2s for a sub-second epoch); now from the resume.
+        self.epoch_start = time.monotonic()
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.epoch_start = time.monotonic()
@@ -266,9 +272,10 @@ class LatestCheckpoint(ModelCheckpoint):
 def machinery_callbacks(checkpoint_dir: str, monitors: dict[str, str | None], progress: bool) -> list[Callback]:
     """What train.py adds to the Trainer besides Lightning's own callbacks: random states and data position in every
     checkpoint, signals acted on at a batch boundary, last.ckpt at every validation, an early check of the monitored
-    metrics, and progress for a terminal (Lightning's bar) or a log file (plain lines)."""
+    metrics, lazy layers given their shapes before DDP wraps the model, and progress for a terminal (Lightning's bar)
+    or a log file (plain lines)."""
     callbacks = [ResumeRNGState(), SignalsAtBatchBoundary(checkpoint_dir), ResumableTrainingData(), ExactEpochMeans(),
-                 LatestCheckpoint(checkpoint_dir), MonitoredMetricCheck(monitors)]
+                 LatestCheckpoint(checkpoint_dir), MonitoredMetricCheck(monitors), MaterializeLazyLayers()]
     if record := os.environ.get(RECORD_ENV):  # a run of an offline search (support/search_worker.py)
         callbacks.append(SearchReport(Path(record)))
     if progress:
