@@ -7,6 +7,9 @@
 # cache directory), pip otherwise, from the same lock; one line says which.
 #   make lock             re-resolve requirements.txt + requirements-dev.txt into requirements.lock (after changing
 #                         a pin; LOCK_OPTIONS=--upgrade takes the newest release of everything the pins allow)
+# In a project made with `copier copy` (README.md, "Start a new project"):
+#   make update           merge the template's latest version (VERSION=v1.2.0: that one) into this project, your
+#                         answers reused (UPDATE_OPTIONS="--data key=value" changes one), conflicts inline, listed
 # Also: make lint, make bench, make gpu-check (on a GPU node), make env (only the environment), make clean-env.
 # Variables: VENV=path (its place), PYTHON=python3.11, BOOTSTRAP_UV=0 (never install uv: pip unless uv is on PATH),
 # MLMODELDEV_HOME=dir (environments and uv's and pip's caches there, not in ~/.cache: README.md, "Clusters"),
@@ -47,7 +50,7 @@ PY := $(VENV)/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: train test lint bench gpu-check env lock lock-is-current clean-env venv-path
+.PHONY: train test lint bench gpu-check env lock lock-is-current clean-env venv-path update
 
 env: lock-is-current $(VENV)/.complete
 
@@ -194,6 +197,39 @@ train: env
 # (root, apt), runs the tests, stops it again and passes on pytest's exit code.
 test: env
 	WANDB_MODE=offline tests/slurm/with_local_slurm.sh $(PY) -m pytest $(PYTEST_ARGS)
+
+# Copier's own update (a three-way merge: your changes re-applied onto the new version), with the answers recorded in
+# .copier-answers.yml (--defaults) and conflicts written into the files (--conflict inline) rather than left aside
+# in .rej files; then every file with conflict markers or a .rej file is listed. Copier refuses a dirty tree too,
+# but in a paragraph: this says it in one line, before anything is fetched.
+define UPDATE_PROJECT
+set -euo pipefail
+answers=.copier-answers.yml
+[ -f $$answers ] ||
+  { echo "error: no $$answers here: make update works in a project made by copier copy (README.md, Start a new project)" >&2; exit 1; }
+[ -z "$$(git status --porcelain 2>/dev/null || echo not-a-repository)" ] ||
+  { echo "error: uncommitted changes or not a git repository (git status): commit or stash them, then make update" >&2; exit 1; }
+version() { sed -nE 's/^_commit: *//p' $$answers; }
+before=$$(version)
+$(PY) -m copier update --quiet --defaults --conflict inline $(if $(VERSION),--vcs-ref $(VERSION)) $(UPDATE_OPTIONS)
+after=$$(version)
+conflicts=$$(git ls-files -co --exclude-standard | while read -r f; do
+  case $$f in *.rej) echo $$f;; *) grep -qE '^(<<<<<<<|>>>>>>>) ' $$f 2>/dev/null && echo $$f || true;; esac; done | sort -u)
+if [ "$$before" = "$$after" ]; then echo "Already at the template version $$after: nothing to update."
+else echo "Updated from the template version $$before to $$after (CHANGELOG.md says what changed)."; fi
+if [ -n "$$conflicts" ]; then
+  echo "Conflicts, where the template changed lines that you changed too: $$(echo $$conflicts)"
+  echo "In each file, keep what you want of the lines between '<<<<<<< before updating' (yours), '=======' and"
+  echo "'>>>>>>> after updating' (the template's), delete those marker lines (apply a .rej file's lines by hand, then"
+  echo "delete it), and: git add -A && git commit -m 'Template $$after'"
+else
+  echo "No conflicts: review with git diff, then: git add -A && git commit -m 'Template $$after'"
+fi
+endef
+export UPDATE_PROJECT
+
+update: env
+	@bash -c "$$UPDATE_PROJECT"
 
 lint: env
 	$(PY) -m ruff check .
