@@ -209,14 +209,18 @@ answers=.copier-answers.yml
   { echo "error: no $$answers here: make update works in a project made by copier copy (README.md, Start a new project)" >&2; exit 1; }
 [ -z "$$(git status --porcelain 2>/dev/null || echo not-a-repository)" ] ||
   { echo "error: uncommitted changes or not a git repository (git status): commit or stash them, then make update" >&2; exit 1; }
+# Copier records a local template's path as it was given: a relative one only works from where `copier copy` ran.
+source=$$(sed -nE 's/^_src_path: *//p' $$answers)
+[[ "$$source" =~ ^([a-z+]+://|git@|gh:|gl:) ]] || [ -d "$$source" ] ||
+  { echo "error: the template ($$source, _src_path in $$answers) is not a directory from here: write its git URL or absolute path there, commit, then make update" >&2; exit 1; }
 version() { sed -nE 's/^_commit: *//p' $$answers; }
 before=$$(version)
 $(PY) -m copier update --quiet --defaults --conflict inline $(if $(VERSION),--vcs-ref $(VERSION)) $(UPDATE_OPTIONS)
 after=$$(version)
 conflicts=$$(git ls-files -co --exclude-standard | while read -r f; do
   case $$f in *.rej) echo $$f;; *) grep -qE '^(<<<<<<<|>>>>>>>) ' $$f 2>/dev/null && echo $$f || true;; esac; done | sort -u)
-if [ "$$before" = "$$after" ]; then echo "Already at the template version $$after: nothing to update."
-else echo "Updated from the template version $$before to $$after (CHANGELOG.md says what changed)."; fi
+if [ -z "$$(git status --porcelain)" ]; then echo "Already at the template version $$after: nothing to update."; exit 0; fi
+echo "Updated from the template version $$before to $$after (CHANGELOG.md says what changed)."
 if [ -n "$$conflicts" ]; then
   echo "Conflicts, where the template changed lines that you changed too: $$(echo $$conflicts)"
   echo "In each file, keep what you want of the lines between '<<<<<<< before updating' (yours), '=======' and"

@@ -60,7 +60,7 @@ def make_template(root: Path) -> Path:
     return template
 
 
-def copier_copy(template: Path, project: Path, *answers: str) -> str:
+def copier_copy(template: Path | str, project: Path, *answers: str) -> str:
     data = [f"--data={answer}" for answer in answers]
     return ok(project.parent, sys.executable, "-m", "copier", "copy", "--vcs-ref", "v1.0.0", "--defaults", *data,
               str(template), project.name)
@@ -217,12 +217,17 @@ sys.exit(sweep.main(["--dry-run"]))
 def test_a_project_without_the_example_trains_from_its_skeleton_and_then_with_its_own_code(tmp_path: Path):
     template = make_template(tmp_path)
     project = tmp_path / "skeleton-project"
-    copier_copy(template, project, "keep_example=false")
+    copier_copy(template.name, project, "keep_example=false")  # a relative path: recorded as given
     assert (project / "model.py").read_text() == (REPO / "skeleton/model.py").read_text()
     assert (project / "datamodule.py").read_text() == (REPO / "skeleton/datamodule.py").read_text()
     assert (project / "train.py").read_bytes() == (REPO / "train.py").read_bytes()
     clusters = tomllib.loads((project / "clusters.toml").read_text())
     assert (clusters["default_cluster"], clusters["default_account"]) == ("generic", "")
+    ok(project, "git", "init", "-q")
+    commit_all(project, "skeleton-project from the template v1.0.0")
+    refused = make_update(project)  # the recorded relative path means nothing from the project's directory
+    assert refused.returncode != 0 and "error: the template (template, _src_path in .copier-answers.yml) is not a " \
+        "directory from here: write its git URL or absolute path there" in refused.stderr
     out = ok(project, sys.executable, "-c", TRAIN_AND_CHECK_SWEEP)  # the skeleton as it comes
     assert "final metrics:" in out and "test/acc=" in out
 
