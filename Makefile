@@ -220,7 +220,8 @@ after=$$(version)
 conflicts=$$(git ls-files -co --exclude-standard | while read -r f; do
   case $$f in *.rej) echo $$f;; *) grep -qE '^(<<<<<<<|>>>>>>>) ' $$f 2>/dev/null && echo $$f || true;; esac; done | sort -u)
 if [ -z "$$(git status --porcelain)" ]; then echo "Already at the template version $$after: nothing to update."; exit 0; fi
-echo "Updated from the template version $$before to $$after (CHANGELOG.md says what changed)."
+if [ "$$before" = "$$after" ]; then echo "At the template version $$after, with the answers changed."
+else echo "Updated from the template version $$before to $$after (CHANGELOG.md says what changed)."; fi
 if [ -n "$$conflicts" ]; then
   echo "Conflicts, where the template changed lines that you changed too: $$(echo $$conflicts)"
   echo "In each file, keep what you want of the lines between '<<<<<<< before updating' (yours), '=======' and"
