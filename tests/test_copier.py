@@ -133,6 +133,9 @@ def test_a_project_made_from_the_template_trains_keeps_its_code_through_updates_
     release(template, "v1.1.0")
 
     # 4. make update: the template's changes arrive, every line of the researcher's stays as it was, no conflicts.
+    refused = make_update(template)  # the template itself has no answers to update with
+    assert refused.returncode != 0 and "error: no .copier-answers.yml here: make update works in a project made by " \
+        "copier copy" in refused.stderr
     (project / "stray.txt").write_text("not committed")
     refused = make_update(project)
     assert refused.returncode != 0 and "error: uncommitted changes" in refused.stderr
