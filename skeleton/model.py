@@ -17,6 +17,7 @@ from torch import nn
 
 
 class Model(pl.LightningModule):
+    # in_features: the width of datamodule.py's synthetic samples (its `features`); num_classes is linked.
     def __init__(self, num_classes: int = 2, in_features: int = 16, hidden_dim: int = 64,
                  dropout: float = 0.1) -> None:
         super().__init__()

@@ -76,6 +76,19 @@ def train(project: Path, *args: str) -> str:
     return ok(project, sys.executable, "train.py", *TINY, *args)
 
 
+# What the project's tests see as clusters.toml (tests/conftest.py's pytest_configure).
+TEST_DEFAULTS = """import sys; sys.path.insert(0, "tests")
+import conftest
+from support.clusters.profiles import load_clusters
+cleanups = []
+conftest.pytest_configure(type("Config", (), {"add_cleanup": lambda self, f: cleanups.append(f)})())
+clusters = load_clusters()
+print(clusters.default_cluster, repr(clusters.default_account))
+for cleanup in cleanups:
+    cleanup()
+"""
+
+
 def test_copier_questions_offer_every_cluster_of_clusters_toml():
     questions = yaml.safe_load((REPO / "copier.yml").read_text())
     clusters = tomllib.loads((REPO / "clusters.toml").read_text())
@@ -107,6 +120,9 @@ def test_a_project_made_from_the_template_trains_keeps_its_code_through_updates_
     commit_all(project, "my-project from the template v1.0.0")
     assert "final metrics:" in train(project)
     collected = ok(project, sys.executable, "-m", "pytest", "--collect-only", "-q", timeout=600)
+    # Its tests run with the template's defaults (the Slurm tests submit without --cluster), its file untouched.
+    assert ok(project, sys.executable, "-c", TEST_DEFAULTS).split() == ["generic", "''"]
+    assert tomllib.loads((project / "clusters.toml").read_text())["default_cluster"] == "hec"
     assert re.search(r"\d+ tests collected", collected) and "test_copier" not in collected
 
     # 2. The researcher's own model, dataset, metric and sweep, in the four places.
