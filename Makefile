@@ -7,6 +7,9 @@
 # cache directory), pip otherwise, from the same lock; one line says which.
 #   make lock             re-resolve requirements.txt + requirements-dev.txt into requirements.lock (after changing
 #                         a pin; LOCK_OPTIONS=--upgrade takes the newest release of everything the pins allow)
+# In a project made with `copier copy` (README.md, "Start a new project"):
+#   make update           merge the template's latest version (VERSION=v1.2.0: that one) into this project, your
+#                         answers reused (UPDATE_OPTIONS="--data key=value" changes one), conflicts inline, listed
 # Also: make check (your model through the template's contracts, ~1 min), make lint, make bench, make gpu-check (on a GPU node), make env (only the environment), make clean-env.
 # Variables: VENV=path (its place), PYTHON=python3.11, BOOTSTRAP_UV=0 (never install uv: pip unless uv is on PATH),
 # MLMODELDEV_HOME=dir (environments and uv's and pip's caches there, not in ~/.cache: README.md, "Clusters"),
@@ -47,7 +50,7 @@ PY := $(VENV)/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: train test check lint bench gpu-check env lock lock-is-current clean-env venv-path
+.PHONY: train test check lint bench gpu-check env lock lock-is-current clean-env venv-path update
 
 env: lock-is-current $(VENV)/.complete
 
@@ -198,6 +201,44 @@ test: env
 # Your model and data through the template's contracts (check.py), on the CPU, in about a minute.
 check: env
 	$(PY) check.py $(ARGS)
+
+# Copier's own update (a three-way merge: your changes re-applied onto the new version), with the answers recorded in
+# .copier-answers.yml (--defaults) and conflicts written into the files (--conflict inline) rather than left aside
+# in .rej files; then every file with conflict markers or a .rej file is listed. Copier refuses a dirty tree too,
+# but in a paragraph: this says it in one line, before anything is fetched.
+define UPDATE_PROJECT
+set -euo pipefail
+answers=.copier-answers.yml
+[ -f $$answers ] ||
+  { echo "error: no $$answers here: make update works in a project made by copier copy (README.md, Start a new project)" >&2; exit 1; }
+[ -z "$$(git status --porcelain 2>/dev/null || echo not-a-repository)" ] ||
+  { echo "error: uncommitted changes or not a git repository (git status): commit or stash them, then make update" >&2; exit 1; }
+# Copier records a local template's path as it was given: a relative one only works from where `copier copy` ran.
+source=$$(sed -nE 's/^_src_path: *//p' $$answers)
+[[ "$$source" =~ ^([a-z+]+://|git@|gh:|gl:) ]] || [ -d "$$source" ] ||
+  { echo "error: the template ($$source, _src_path in $$answers) is not a directory from here: write its git URL or absolute path there, commit, then make update" >&2; exit 1; }
+version() { sed -nE 's/^_commit: *//p' $$answers; }
+before=$$(version)
+$(PY) -m copier update --quiet --defaults --conflict inline $(if $(VERSION),--vcs-ref $(VERSION)) $(UPDATE_OPTIONS)
+after=$$(version)
+conflicts=$$(git ls-files -co --exclude-standard | while read -r f; do
+  case $$f in *.rej) echo $$f;; *) grep -qE '^(<<<<<<<|>>>>>>>) ' $$f 2>/dev/null && echo $$f || true;; esac; done | sort -u)
+if [ -z "$$(git status --porcelain)" ]; then echo "Already at the template version $$after: nothing to update."; exit 0; fi
+if [ "$$before" = "$$after" ]; then echo "At the template version $$after, with the answers changed."
+else echo "Updated from the template version $$before to $$after (CHANGELOG.md says what changed)."; fi
+if [ -n "$$conflicts" ]; then
+  echo "Conflicts, where the template changed lines that you changed too: $$(echo $$conflicts)"
+  echo "In each file, keep what you want of the lines between '<<<<<<< before updating' (yours), '=======' and"
+  echo "'>>>>>>> after updating' (the template's), delete those marker lines (apply a .rej file's lines by hand, then"
+  echo "delete it), and: git add -A && git commit -m 'Template $$after'"
+else
+  echo "No conflicts: review with git diff, then: git add -A && git commit -m 'Template $$after'"
+fi
+endef
+export UPDATE_PROJECT
+
+update: env
+	@bash -c "$$UPDATE_PROJECT"
 
 lint: env
 	$(PY) -m ruff check .

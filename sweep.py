@@ -2,7 +2,7 @@
 
     python sweep.py --dry-run                      # check SWEEP_CONFIG offline: wandb's schema, every key and value
     python sweep.py                                # check, create the sweep on wandb, print the agent commands
-    python sweep.py --entity me --project proj     # where (default WANDB_ENTITY / WANDB_PROJECT, else the clone's name)
+    python sweep.py --entity me --project proj     # where (default WANDB_ENTITY / WANDB_PROJECT, else project.toml's)
     python sweep.py --list                         # every run of the grid as a train.py command, no server needed
     python sweep.py --list --samples 20 --seed 0   # 20 random draws instead, the same ones on every call
     python slurm_train.py --search --count 40 --max-concurrent 8   # no wandb server: bayes, hyperband, offline
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shlex
 import sys
@@ -36,7 +35,7 @@ import numpy as np
 from support import logged_metrics, sweep_space
 from support.class_choice import same_class
 from support.errors import one_line
-from support.wandb_access import agent_problem, default_project, has_wandb_credentials
+from support.wandb_access import agent_problem, default_entity, default_project, has_wandb_credentials
 
 with warnings.catch_warnings():  # sweeps 0.2.0 declares pydantic-v1 settings, which pydantic 2 warns about
     warnings.simplefilter("ignore", UserWarning)
@@ -314,7 +313,7 @@ def create(config: dict[str, Any], entity: str | None, project: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Check, create or enumerate the sweep in SWEEP_CONFIG.")
     parser.add_argument("--dry-run", action="store_true", help="check everything, create nothing (no network)")
-    parser.add_argument("--entity", default=os.environ.get("WANDB_ENTITY"))
+    parser.add_argument("--entity", default=default_entity())
     parser.add_argument("--project", default=default_project())
     parser.add_argument("--list", action="store_true", help="print each run's train.py command (grid, or --samples)")
     parser.add_argument("--samples", type=int, help="with --list: this many random draws instead of the grid")

@@ -35,7 +35,7 @@ from support.run_directory import CONFIG_FILE, record_config, rerunnable
 from support.runs import wandb_run_id
 from support.search_records import RECORD_ENV
 from support.search_report import SearchReport
-from support.wandb_access import choose_mode, default_project
+from support.wandb_access import choose_mode, default_entity, default_project
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 
@@ -80,8 +80,8 @@ class FallbackWandbLogger(WandbLogger):
 class WandbOptions:
     """wandb settings (entity and project also follow WANDB_ENTITY / WANDB_PROJECT)."""
 
-    project: str = field(default_factory=default_project)  # WANDB_PROJECT, else the clone's directory name
-    entity: str | None = None
+    project: str = field(default_factory=default_project)  # WANDB_PROJECT, else project.toml's, else the directory's
+    entity: str | None = field(default_factory=default_entity)  # WANDB_ENTITY, else project.toml's, else wandb's
     name: str | None = None
     tags: list[str] = field(default_factory=list)
     group: str | None = None  # runs shown together (an offline search puts its runs in the search's group)

@@ -11,6 +11,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import tomllib
+
 OFFLINE_HINT = ("on machines without internet, run the sweep offline instead: `python sweep.py --list` (or "
                 "slurm_train.py) enumerates the same SWEEP_CONFIG, then `wandb sync` the runs")
 
@@ -26,10 +28,31 @@ def current_settings() -> Any:
     return _WandbSetup(pid=os.getpid()).settings
 
 
+PROJECT_SETTINGS = Path(__file__).resolve().parent.parent / "project.toml"  # made by `copier copy` (copier.yml)
+
+
+def project_settings() -> dict[str, Any]:
+    """The [wandb] table of the project's project.toml, which `copier copy` writes from its answers; {} where
+    there is none (the template itself, or a plain clone of it)."""
+    if not PROJECT_SETTINGS.is_file():
+        return {}
+    try:
+        with PROJECT_SETTINGS.open("rb") as file:
+            return tomllib.load(file).get("wandb", {})
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{PROJECT_SETTINGS}: {err}: correct the file (its keys: [wandb] entity, project)") from None
+
+
 def default_project() -> str:
-    """WANDB_PROJECT, else the name of this clone's directory: each project a researcher makes of the template
-    logs to its own wandb project without configuring one."""
-    return os.environ.get("WANDB_PROJECT") or Path(__file__).resolve().parent.parent.name
+    """WANDB_PROJECT, else project.toml's, else the name of this clone's directory: each project a researcher
+    makes of the template logs to its own wandb project without configuring one."""
+    return (os.environ.get("WANDB_PROJECT") or project_settings().get("project")
+            or Path(__file__).resolve().parent.parent.name)
+
+
+def default_entity() -> str | None:
+    """WANDB_ENTITY, else project.toml's, else None (wandb's default: the user's own entity)."""
+    return os.environ.get("WANDB_ENTITY") or project_settings().get("entity") or None
 
 
 def has_wandb_credentials() -> bool:

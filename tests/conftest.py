@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +15,20 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 pytest_plugins = ["slurm_fixtures"]  # the local-Slurm fixtures, for any test that asks for them
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The tests expect the template's own defaults: the generic cluster, no account. A project made with other
+    answers (copier.yml: default_cluster, default_account) runs them with a copy of its clusters.toml that has
+    those two reset ($MLMODELDEV_CLUSTERS, seen by every script the tests start); its own file stays as it is."""
+    text = (REPO / "clusters.toml").read_text()
+    reset = re.sub(r'(?m)^default_cluster = "[^"\n]*"', 'default_cluster = "generic"', text)
+    reset = re.sub(r'(?m)^default_account = "[^"\n]*"', 'default_account = ""', reset)
+    if reset != text and "MLMODELDEV_CLUSTERS" not in os.environ:
+        folder = Path(tempfile.mkdtemp(prefix="clusters-"))
+        (folder / "clusters.toml").write_text(reset)
+        os.environ["MLMODELDEV_CLUSTERS"] = str(folder / "clusters.toml")
+        config.add_cleanup(lambda: shutil.rmtree(folder, ignore_errors=True))
 
 
 @pytest.fixture(autouse=True)

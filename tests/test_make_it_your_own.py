@@ -15,6 +15,9 @@ import pytest
 import torch
 from conftest import QUICK, REPO, script_env
 
+# It edits the example's datamodule.py (its DATASETS): a project with data of its own (or the skeleton) skips it.
+pytestmark = pytest.mark.example_data
+
 OWN_MODEL = '''"""My model: an MLP over flattened images."""
 
 import pytorch_lightning as pl

@@ -18,6 +18,7 @@ import pytest
 import wandb
 from conftest import QUICK, REPO, script_env
 
+from support import wandb_access
 from support.wandb_access import agent_problem, choose_mode, has_wandb_credentials, server_problem
 
 KEY = "0123456789abcdef0123456789abcdef01234567"  # key-shaped: 40 characters
@@ -33,6 +34,26 @@ def no_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     for name in ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_CONFIG_DIR"):
         monkeypatch.delenv(name, raising=False)
     return home
+
+
+def test_entity_and_project_default_to_the_projects_settings_below_the_environment(tmp_path: Path,
+                                                                                    monkeypatch: pytest.MonkeyPatch):
+    """project.toml: what `copier copy` writes from its answers (copier.yml); WANDB_ENTITY / WANDB_PROJECT win."""
+    settings = tmp_path / "project.toml"
+    monkeypatch.setattr(wandb_access, "PROJECT_SETTINGS", settings)
+    monkeypatch.delenv("WANDB_ENTITY", raising=False)
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    assert wandb_access.default_entity() is None and wandb_access.default_project() == REPO.name  # no file
+    settings.write_text('[wandb]\nentity = "team"\nproject = "proj"\n')
+    assert (wandb_access.default_entity(), wandb_access.default_project()) == ("team", "proj")
+    monkeypatch.setenv("WANDB_ENTITY", "other-team")
+    monkeypatch.setenv("WANDB_PROJECT", "other-proj")
+    assert (wandb_access.default_entity(), wandb_access.default_project()) == ("other-team", "other-proj")
+    settings.write_text("[wandb\n")
+    monkeypatch.delenv("WANDB_PROJECT")
+    with pytest.raises(ValueError, match=r"project.toml: .*: correct the file") as error:
+        wandb_access.default_project()
+    assert "\n" not in str(error.value)
 
 
 def closed_port_url() -> str:
