@@ -36,7 +36,7 @@ from typing import Any
 import sweep
 from support.atomic import write_atomic
 from support.errors import one_line
-from support.local_rows import run_local
+from support.local_rows import run_local, stop_orphans
 from support.runs import tasks_devices_mismatch, timestamped_name
 from support.search_launch import extra_problem, new_search, render_search_script, unfinished_search
 from support.search_records import SEARCH_FILE
@@ -355,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise LaunchError(f"{grid_dir} is already running on this machine (another slurm_train.py --local): "
                                   "wait for it to end, else its runs would run twice") from None
             with lock:
+                if args.resume:
+                    if problem := stop_orphans(grid_dir):  # runs an earlier launcher left: saved, stopped, resumed
+                        raise LaunchError(problem)
                 print(f"run directory: {grid_dir}\nrunning {what} here")
                 return run_local(grid_dir, indices, k, "worker" if search else "row")
         if shutil.which("sbatch") is None:
