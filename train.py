@@ -201,7 +201,8 @@ def main(args: list[str] | dict[str, Any] | None = None) -> dict[str, Any]:
                 with training.stopped_by_signal():  # SIGTERM: last.ckpt saved, exit status 143
                     results = fit_and_test(cli)
         except (DownloadError, SettingError) as err:  # raised inside fit: data that cannot be had, a bad setting
-            raise SystemExit(f"error: {err}") from None
+            # Said once: under DDP every rank raises it.
+            raise SystemExit(f"error: {err}" if cli.trainer.is_global_zero else 1) from None
         if wandb.run is not None:
             wandb.finish()  # so the next main() in this process starts its own wandb run
         return results

@@ -27,6 +27,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from support.atomic import write_atomic
+from support.divergence import StopOnNonFinite
 from support.errors import SettingError
 from support.resumable import ExactEpochMeans, ResumableTrainingData
 from support.rng_state import ResumeRNGState
@@ -266,9 +267,11 @@ class LatestCheckpoint(ModelCheckpoint):
 def machinery_callbacks(checkpoint_dir: str, monitors: dict[str, str | None], progress: bool) -> list[Callback]:
     """What train.py adds to the Trainer besides Lightning's own callbacks: random states and data position in every
     checkpoint, signals acted on at a batch boundary, last.ckpt at every validation, an early check of the monitored
-    metrics, and progress for a terminal (Lightning's bar) or a log file (plain lines)."""
+    metrics, a stop at the first non-finite loss or metric, and progress for a terminal (Lightning's bar) or a log
+    file (plain lines)."""
     callbacks = [ResumeRNGState(), SignalsAtBatchBoundary(checkpoint_dir), ResumableTrainingData(), ExactEpochMeans(),
-                 LatestCheckpoint(checkpoint_dir), MonitoredMetricCheck(monitors)]
+                 LatestCheckpoint(checkpoint_dir), MonitoredMetricCheck(monitors),
+                 StopOnNonFinite([*monitors.values()])]
     if record := os.environ.get(RECORD_ENV):  # a run of an offline search (support/search_worker.py)
         callbacks.append(SearchReport(Path(record)))
     if progress:

@@ -50,8 +50,8 @@ def launcher(runs: Path, *args: str) -> subprocess.Popen:
 
 
 def start_grid(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
-    config = {"name": "long", "program": "train.py", "method": "grid", "metric": {"name": "val/loss", "goal": "minimize"},
-              "parameters": {"model.hidden_dim": {"values": [16]}}}
+    config = {"name": "long", "program": "train.py", "method": "grid",
+              "metric": {"name": "val/loss", "goal": "minimize"}, "parameters": {"model.hidden_dim": {"values": [16]}}}
     (tmp_path / "sweep.json").write_text(json.dumps(config))
     runs = tmp_path / "runs"
     proc = launcher(runs, "--sweep-config", str(tmp_path / "sweep.json"), "--runs-dir", str(runs), "--", *LONG)
