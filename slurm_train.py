@@ -40,7 +40,7 @@ from support.local_rows import run_local, stop_orphans
 from support.runs import tasks_devices_mismatch, timestamped_name
 from support.search_launch import extra_problem, new_search, render_search_script, unfinished_search
 from support.search_records import SEARCH_FILE
-from support.slurm_jobs import LaunchError, active_jobs, array_spec, sbatch_header, submit
+from support.slurm_jobs import LaunchError, active_jobs, array_spec, sbatch_header, submit, written_concurrency
 
 REPO_DIR = Path(__file__).resolve().parent
 # The one copy of the presets (`--dry-run` prints their #SBATCH lines). Partition names change: check `sinfo -s`.
@@ -253,7 +253,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                    help="with --search: seconds without a heartbeat after which a run on an unreachable node counts as "
                         "crashed (default 600)")
     p.add_argument("--sweep-config", help="JSON/YAML file with a sweep config (default: sweep.SWEEP_CONFIG)")
-    p.add_argument("--max-concurrent", type=int, default=4, help="array tasks (or --local processes) at once")
+    p.add_argument("--max-concurrent", type=int, help="array tasks (or --local processes) at once (default 4; with "
+                   "--resume, the directory's own)")
     p.add_argument("--dry-run", action="store_true", help="check, print the script and the runs; write nothing")
     p.add_argument("--local", action="store_true", help="no Slurm: run the rows as processes on this machine")
     p.add_argument("--resume", metavar="RUN_DIR", help="resubmit only the rows of RUN_DIR that did not finish")
@@ -269,6 +270,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--cpus-per-task", type=int, help=f"default {DEFAULTS['cpus_per_task']}")
     p.add_argument("--mem", help=f"memory per node (default {DEFAULTS['mem']})")
     args = p.parse_args(own)
+    if args.max_concurrent is None and not args.resume:
+        args.max_concurrent = 4
     if args.search != (args.count is not None) or (args.search and args.sample is not None):
         p.error("--search needs --count N (how many runs in all), and --count and --sample fit only one of them: "
                 "--search --count N (adaptive), or --sample N (random draws, no search)")
@@ -297,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.resume:
             grid_dir = Path(args.resume).resolve()
+            k = k or written_concurrency(grid_dir / "job.sbatch") or 4  # the grid's throttle, the search's workers
             search = (grid_dir / SEARCH_FILE).is_file()
             if not (search or (grid_dir / "grid.json").is_file()) or not (grid_dir / "job.sbatch").is_file():
                 raise LaunchError(f"{grid_dir} is neither a grid nor a search directory (no grid.json, search.json or "

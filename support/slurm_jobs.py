@@ -3,6 +3,7 @@ call, and which of a directory's jobs Slurm still lists. Light on purpose (no to
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -67,3 +68,13 @@ def submit(grid_dir: Path, indices: list[int], k: int) -> str:
     return job
 
 
+
+
+def written_concurrency(script: Path) -> int | None:
+    """How many array tasks at once a job.sbatch was written for (--array=0-9%4: 4; a search's --array=0-3: its 4
+    workers), so a resume keeps the directory's own; None when the script does not say."""
+    match = re.search(r"^#SBATCH --array=(\d+)-(\d+)(?:%(\d+))?", script.read_text() if script.is_file() else "", re.M)
+    if not match:
+        return None
+    first, last, throttle = match.groups()
+    return int(throttle) if throttle else int(last) - int(first) + 1
