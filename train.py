@@ -109,7 +109,8 @@ class TrainCLI(LightningCLI):
         super().parse_arguments(parser, args)
         chosen = self.config.run_dir or self.config.trainer.default_root_dir or os.environ.get(RUN_DIR_ENV)
         self.run_dir = Path(chosen or Path("runs") / runs.default_run_name()).resolve()
-        runs.check_run_dir_and_checkpoint(self.run_dir, self.config.ckpt_path)  # before anything is written
+        # Before anything is written; a CLI that records nothing (evaluate.py) only reads the run directory.
+        runs.check_run_dir_and_checkpoint(self.run_dir, self.config.ckpt_path, self.save_config_callback is not None)
         # A resume continues with the run's own config.yaml, the arguments given on top (support/run_directory.py).
         self.config, self.changed = run_directory.with_saved_settings(parser, self.config, args, self.run_dir)
 
