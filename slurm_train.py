@@ -218,7 +218,7 @@ def start_search(args: argparse.Namespace, extra: list[str]) -> tuple[Path, list
     sweep_config, rows = enumerate_rows(config, None if grid else min(args.count, 50), args.seed)
     check_rows(rows, extra, res)  # a sample of the space, with the arguments after --
     search_dir = Path(args.runs_dir).resolve() / timestamped_name("search-")
-    if any(c.isspace() or c == "%" for c in str(search_dir)):  # #SBATCH --output cannot quote; % is a pattern
+    if not args.local and any(c.isspace() or c == "%" for c in str(search_dir)):  # #SBATCH --output cannot quote
         raise LaunchError(f"{search_dir}: a path with spaces or % cannot be a Slurm log path; use --runs-dir")
     header = sbatch_header(args.job_name or "search", f"0-{k - 1}", f"{k} workers, one per array task", res,
                            f"{search_dir}/worker-%a.out")
@@ -329,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
             check_rows(rows, extra, res)  # before anything is written: a bad row fails here, not in the queue
             indices = list(range(len(rows)))
             grid_dir = new_grid_dir(Path(args.runs_dir).resolve())
-            if any(c.isspace() or c == "%" for c in str(grid_dir)):  # #SBATCH --output cannot quote; % is a pattern
+            # #SBATCH --output cannot quote, and % is a pattern there; --local runs write no Slurm log
+            if not args.local and any(c.isspace() or c == "%" for c in str(grid_dir)):
                 raise LaunchError(f"{grid_dir}: a path with spaces or % cannot be a Slurm log path; use --runs-dir")
             script = render_script(grid_dir, len(rows), k, res, args.job_name or "grid")
             argvs = [sweep.to_argv(row) + extra for row in rows]

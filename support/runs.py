@@ -11,6 +11,7 @@ import time
 import uuid
 import zipfile
 from pathlib import Path
+from typing import Any
 
 from support.errors import SettingError
 
@@ -80,6 +81,10 @@ def check_run_dir_and_checkpoint(run_dir: Path, ckpt_path: str | None, writes: b
     if run_dir.exists() and not run_dir.is_dir():
         raise SettingError(f"--run_dir {run_dir} is a file: give a directory (a new one starts a new run)")
     existing = next(path for path in [run_dir, *run_dir.parents] if path.exists())  # where mkdir would start
+    longest = os.pathconf(existing, "PC_NAME_MAX") if existing.is_dir() else 255
+    if too_long := [part for part in run_dir.relative_to(existing).parts if len(part.encode()) > longest]:
+        raise SettingError(f"--run_dir: the name {too_long[0][:40]}... is {len(too_long[0].encode())} bytes, over the "
+                           f"{longest} that {existing}'s filesystem allows: give a shorter one")
     if writes and (not existing.is_dir() or not os.access(existing, os.W_OK)):
         raise SettingError(f"--run_dir {run_dir}: {existing} is not a directory this user can write; give another")
     if writes and ckpt_path is None:
@@ -118,8 +123,20 @@ def checkpoint_file(run_dir: Path, ckpt_path: str | None) -> Path | None:
 def require_checkpoint(path: str | Path, what: str = "", instead: str = "a .ckpt that train.py saved") -> None:
     """Refuses a path that is no checkpoint, naming it (`what` + path): missing, truncated or another kind of file,
     told apart without unpickling anything (torch.save writes a zip; a truncated one has lost its directory)."""
+    if Path(path).expanduser().is_dir():
+        raise SettingError(f"{what}{path} is a directory: give a .ckpt file in it ({path}/checkpoints/last.ckpt, say), "
+                           f"or --run_dir {path} --ckpt_path last")
     if not Path(path).expanduser().is_file():
         raise SettingError(f"{what}{path} does not exist: give {instead}")
     if not zipfile.is_zipfile(Path(path).expanduser()):
         raise SettingError(f"{what}{path} is not a checkpoint (truncated, or another kind of file): give {instead}")
 
+
+def require_training(trainer: Any) -> None:
+    """Refuses settings that train nothing (--trainer.max_epochs=0, max_steps=0, limit_train_batches=0): the run would
+    test its untrained model and report that as its result, with exit status 0."""
+    for option in ("max_epochs", "max_steps", "limit_train_batches"):
+        if getattr(trainer, option, None) == 0:
+            raise SettingError(f"--trainer.{option}=0 trains nothing: the test at the end would report an untrained "
+                               "model as the result; give at least 1 (to test a trained run: python evaluate.py "
+                               "RUN_DIR)")

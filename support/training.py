@@ -35,7 +35,7 @@ from support.run_directory import CONFIG_FILE, record_config, rerunnable
 from support.runs import wandb_run_id
 from support.search_records import RECORD_ENV
 from support.search_report import SearchReport
-from support.wandb_access import choose_mode, default_project
+from support.wandb_access import choose_mode, default_project, plain_reason
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 
@@ -66,7 +66,7 @@ class FallbackWandbLogger(WandbLogger):
         except Exception as err:  # wandb.Error, or the service's own errors (timeouts, refused credentials)
             if self._wandb_init.get("mode") == "offline":
                 raise
-            warn(f"wandb could not start online ({type(err).__name__}: {str(err).splitlines()[0][:200]}); logging "
+            warn(f"wandb could not start online ({type(err).__name__}: {plain_reason(err)}); logging "
                  f"offline instead. Upload later with `wandb sync {self.save_dir}/wandb/offline-run-*`.")
             # The failed online run stays registered in wandb's service, which then refuses the same run id
             # ("run ID ... is in use"): stop the service, so the offline run starts a fresh one.
@@ -95,6 +95,9 @@ def wandb_logger(options: WandbOptions, run_dir: Path) -> FallbackWandbLogger:
     if os.environ.get("WANDB_MODE") == "":  # wandb's own settings reject an empty one ("1 validation error")
         os.environ.pop("WANDB_MODE")
     mode, problem = choose_mode(options.mode, options.init_timeout)
+    if os.environ.get("WANDB_RUN_ID") and not os.environ.get("WANDB_SWEEP_ID"):  # a sweep agent's is meant
+        warn(f"WANDB_RUN_ID={os.environ['WANDB_RUN_ID']} is set outside a wandb sweep: this run logs into that wandb "
+             "run, as does every other run started with it; unset WANDB_RUN_ID unless that is meant")
     if problem:
         warn(f"wandb: {problem}; logging offline into {run_dir}/wandb instead. Upload later with "
              f"`wandb sync {run_dir}/wandb/offline-run-*`.")

@@ -5,12 +5,17 @@ Light on purpose (no torch, no Lightning): sweep.py's agent check runs it on log
 
 from __future__ import annotations
 
+import html
 import os
+import re
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+from support.errors import SettingError
+
+WANDB_MODES = ("online", "offline", "disabled", "dryrun", "run", "shared")  # what wandb's settings accept
 OFFLINE_HINT = ("on machines without internet, run the sweep offline instead: `python sweep.py --list` (or "
                 "slurm_train.py) enumerates the same SWEEP_CONFIG, then `wandb sync` the runs")
 
@@ -63,6 +68,9 @@ def choose_mode(requested: str, init_timeout: float) -> tuple[str, str | None]:
     auto: WANDB_MODE if set, else online with credentials, offline without. Online without credentials is an
     error (wandb would prompt, forever in a terminal); online with an unreachable server becomes offline."""
     mode = requested if requested != "auto" else os.environ.get("WANDB_MODE") or "auto"
+    if os.environ.get("WANDB_MODE", "") not in ("", *WANDB_MODES):  # wandb itself fails later with 60 lines
+        raise SettingError(f"WANDB_MODE={os.environ['WANDB_MODE']} is not a wandb mode: set it to one of "
+                           f"{', '.join(WANDB_MODES)}, or unset it")
     if mode == "auto":
         if not has_wandb_credentials():
             return "offline", None
@@ -73,6 +81,13 @@ def choose_mode(requested: str, init_timeout: float) -> tuple[str, str | None]:
     if mode == "online" and (problem := server_problem(min(init_timeout, 10.0))):
         return "offline", problem
     return mode, None
+
+
+def plain_reason(err: BaseException, limit: int = 200) -> str:
+    """An error's message as one line of text: a server's HTML error page (a proxy's 501, say), which wandb passes on
+    escaped, becomes its text."""
+    text = re.sub(r"<[^>]*>", " ", html.unescape(html.unescape(str(err))))
+    return " ".join(text.split())[:limit]
 
 
 def agent_problem(timeout: float = 10.0) -> str | None:
