@@ -84,9 +84,16 @@ def choose_mode(requested: str, init_timeout: float) -> tuple[str, str | None]:
 
 
 def plain_reason(err: BaseException, limit: int = 200) -> str:
-    """An error's message as one line of text: a server's HTML error page (a proxy's 501, say), which wandb passes on
-    escaped, becomes its text."""
-    text = re.sub(r"<[^>]*>", " ", html.unescape(html.unescape(str(err))))
+    """An error's message as one line of text. A server's HTML error page (a proxy's 501, say), which wandb passes on
+    inside JSON (<!DOCTYPE HTML>\\n<html ...), becomes its title: "returned error 501 (an HTML page: Error
+    response)"."""
+    text = re.sub(r"\\u([0-9a-fA-F]{4})", lambda match: chr(int(match.group(1), 16)), str(err))
+    text = html.unescape(text.replace("\\n", " ").replace('\\"', '"'))
+    if markup := re.search(r"<(!doctype|html|head|body)\b", text, re.IGNORECASE):
+        title = re.search(r"<title>(.*?)</title>", text, re.IGNORECASE | re.DOTALL)
+        status = re.search(r".*?returned error \d+", text[:markup.start()], re.DOTALL)
+        text = (status.group(0) if status else text[:markup.start()]) + \
+            f" (an HTML page{': ' + title.group(1).strip() if title else ''})"
     return " ".join(text.split())[:limit]
 
 
