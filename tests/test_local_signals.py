@@ -49,28 +49,36 @@ def launcher(runs: Path, *args: str) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True, env=script_env(), cwd=runs.parent)
 
 
-def start_grid(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+def start_grid(tmp_path: Path, at_start: bool = False) -> tuple[subprocess.Popen, Path]:
     config = {"name": "long", "program": "train.py", "method": "grid",
               "metric": {"name": "val/loss", "goal": "minimize"}, "parameters": {"model.hidden_dim": {"values": [16]}}}
     (tmp_path / "sweep.json").write_text(json.dumps(config))
     runs = tmp_path / "runs"
     proc = launcher(runs, "--sweep-config", str(tmp_path / "sweep.json"), "--runs-dir", str(runs), "--", *LONG)
-    wait_for(lambda: list(runs.glob("grid-*/row-0/checkpoints/last.ckpt")), 120, "the row's first checkpoint")
+    if at_start:  # the signal while the row starts (its log is opened just before it)
+        wait_for(lambda: list(runs.glob("grid-*/row-0.out")), 120, "the row's start")
+    else:
+        wait_for(lambda: list(runs.glob("grid-*/row-0/checkpoints/last.ckpt")), 120, "the row's first checkpoint")
     return proc, next(runs.glob("grid-*"))
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["TERM", "KILL"])
-def test_a_killed_launcher_leaves_no_row_training(signum: int, tmp_path: Path):
-    proc, grid = start_grid(tmp_path)
-    assert any("train.py" in p for p in processes_of(grid))
+@pytest.mark.parametrize("signum, at_start", [(signal.SIGTERM, False), (signal.SIGKILL, False),
+                                             (signal.SIGTERM, True)], ids=["TERM", "KILL", "TERM-at-start"])
+def test_a_killed_launcher_leaves_no_row_training(signum: int, at_start: bool, tmp_path: Path):
+    proc, grid = start_grid(tmp_path, at_start)
+    assert at_start or any("train.py" in p for p in processes_of(grid))
     started = time.monotonic()
     proc.send_signal(signum)
     out, _ = proc.communicate(timeout=60)
     wait_for(lambda: not processes_of(grid), 30, f"no process of {grid} left: {processes_of(grid)}")
     print(f"{signal.Signals(signum).name}: every process of the grid gone {time.monotonic() - started:.1f} s later")
     assert proc.returncode == (143 if signum == signal.SIGTERM else -9), out
-    assert "stopped by SIGTERM at epoch" in (grid / "row-0.out").read_text()  # train.py saved its last.ckpt
     assert not (grid / "row-0" / "done").exists()
+    if at_start:
+        time.sleep(5)  # nothing starts late either
+        assert not processes_of(grid) and proc.returncode == 143
+        return
+    assert "stopped by SIGTERM at epoch" in (grid / "row-0.out").read_text()  # train.py saved its last.ckpt
     if signum == signal.SIGKILL:
         return
     assert "resume with python slurm_train.py --local --resume" in out
