@@ -36,6 +36,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from support.downloads import MIRROR_ENV, DownloadError, RemoteFile, load_prepared, prepare_dataset, remote_files
+from support.errors import SettingError  # a bad setting found in setup: train.py prints it as one line
 
 
 @dataclass(frozen=True)
@@ -189,7 +190,7 @@ class DataModule(pl.LightningDataModule):
         if options.folds == 1:
             val, train = pool[:n_val], pool[n_val:]
         elif options.folds > len(pool):
-            raise ValueError(f"folds={options.folds} is more than the {len(pool)} training and validation samples "
+            raise SettingError(f"folds={options.folds} is more than the {len(pool)} training and validation samples "
                              f"of {options.dataset}: give --data.folds at most {len(pool)}")
         else:
             chunks = pool.tensor_split(options.folds)  # sizes differ by at most 1

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,18 @@ def evaluate(target: str | Path, which: str = "best", split: str = "test", overr
     return {**metrics, "checkpoint": str(checkpoint)}
 
 
+def unwritable(path: Path) -> str | None:
+    """Why a file cannot be written at `path` (tried with a temporary file beside it: permissions, a read-only
+    filesystem, a missing folder), or None."""
+    if path.is_dir():
+        return "is a directory"
+    try:
+        with tempfile.NamedTemporaryFile(dir=path.parent or "."):
+            return None
+    except OSError as err:
+        return f"cannot write there ({err.strerror})"
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = sys.argv[1:] if argv is None else argv
     ours, overrides = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
@@ -98,12 +111,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--split", choices=("test", "val"), default="test")
     parser.add_argument("--json", help="also write the metrics to this JSON file")
     options = parser.parse_args(ours)
+    output = Path(options.json) if options.json else None
+    if output is not None and (problem := unwritable(output)):  # said before the work, not after it
+        raise SystemExit(f"error: --json {output}: {problem}; give a file path this user can write")
     try:
         results = evaluate(options.target, options.checkpoint, options.split, overrides)
     except SettingError as err:
         raise SystemExit(f"error: {err}") from None
-    if options.json and rank_zero_only.rank == 0:  # under DDP every rank has the same (synchronised) metrics
-        write_atomic(options.json, json.dumps(results, indent=2) + "\n")
+    if output is not None and rank_zero_only.rank == 0:  # under DDP every rank has the same (synchronised) metrics
+        try:
+            write_atomic(output, json.dumps(results, indent=2) + "\n")
+        except OSError as err:
+            raise SystemExit(f"error: --json {output}: cannot write it ({err.strerror}); the metrics are above") \
+                from None
     return results
 
 

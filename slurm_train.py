@@ -43,11 +43,11 @@ from support.clusters.plan import RESOURCES, TEMPLATE_TIME, JobPlan, missing_sub
 from support.clusters.profiles import load_clusters, partition_table, time_seconds
 from support.errors import one_line
 from support.job_scripts import render_agents_script, render_script, script_head
-from support.local_rows import run_local
+from support.local_rows import run_local, stop_orphans
 from support.runs import tasks_devices_mismatch, timestamped_name
 from support.search_launch import extra_problem, new_search, render_search_script, unfinished_search
 from support.search_records import SEARCH_FILE
-from support.slurm_jobs import LaunchError, active_jobs, array_spec, sbatch_header, submit
+from support.slurm_jobs import LaunchError, active_jobs, array_spec, sbatch_header, submit, written_concurrency
 
 REPO_DIR = Path(__file__).resolve().parent
 
@@ -208,7 +208,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                    help="with --search: seconds without a heartbeat after which a run on an unreachable node counts as "
                         "crashed (default 600)")
     p.add_argument("--sweep-config", help="JSON/YAML file with a sweep config (default: sweep.SWEEP_CONFIG)")
-    p.add_argument("--max-concurrent", type=int, default=4, help="array tasks (or --local processes) at once")
+    p.add_argument("--max-concurrent", type=int, help="array tasks (or --local processes) at once (default 4; with "
+                   "--resume, the directory's own)")
     p.add_argument("--dry-run", action="store_true", help="check, print the script and the runs; write nothing")
     p.add_argument("--local", action="store_true", help="no Slurm: run the rows as processes on this machine")
     p.add_argument("--resume", metavar="RUN_DIR", help="resubmit only the rows of RUN_DIR that did not finish")
@@ -230,6 +231,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--cpus-per-task", type=int, help="default: the cluster's (4), none where GPUs bring CPUs")
     p.add_argument("--mem", help="memory per node (default: the cluster's, 16G; none where GPUs bring memory)")
     args = p.parse_args(own)
+    if args.max_concurrent is None and not args.resume:
+        args.max_concurrent = 4
     if bool(args.search or args.agents) != (args.count is not None) or (args.count and args.sample is not None):
         p.error("--search needs --count N (how many runs in all; --agents too), and --count and --sample fit only "
                 "one of them: --search --count N (adaptive), or --sample N (random draws, no search)")
@@ -308,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.resume:
             grid_dir = Path(args.resume).resolve()
+            k = k or written_concurrency(grid_dir / "job.sbatch") or 4  # the grid's throttle, the search's workers
             search = (grid_dir / SEARCH_FILE).is_file()
             if not (search or (grid_dir / "grid.json").is_file()) or not (grid_dir / "job.sbatch").is_file():
                 raise LaunchError(f"{grid_dir} is neither a grid nor a search directory (no grid.json, search.json or "
@@ -349,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise LaunchError(f"{grid_dir} is already running on this machine (another slurm_train.py --local): "
                                   "wait for it to end, else its runs would run twice") from None
             with lock:
+                if args.resume:
+                    if problem := stop_orphans(grid_dir):  # runs an earlier launcher left: saved, stopped, resumed
+                        raise LaunchError(problem)
                 print(f"run directory: {grid_dir}\nrunning {what} here")
                 return run_local(grid_dir, indices, k, label)
         if shutil.which(command) is None:

@@ -185,8 +185,11 @@ def _cli_errors(parameters: dict[str, dict[str, Any]]) -> list[str]:
                 errors.setdefault(name, f"parameters/{name}: not a train.py key")
                 continue
             if not reaches_unchanged(got, value):
+                fix = (f"give it as a number, {value} without quotes (in YAML {got!r}: YAML 1.1 reads 1e-3 as a "
+                       "string)" if isinstance(value, str) and isinstance(got, (int, float)) else
+                       "leave it out to get the default")
                 errors.setdefault(name, f"parameters/{name}: value {value!r} reaches train.py as {got!r} "
-                                        f"(the agent passes --{name}={value}); leave it out to get the default")
+                                        f"(the agent passes --{name}={value}); {fix}")
     return list(errors.values())
 
 

@@ -27,6 +27,7 @@ From another script: `import train; train.main(["--trainer.max_epochs=2"])` or
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import warnings
 from pathlib import Path
@@ -105,7 +106,10 @@ class TrainCLI(LightningCLI):
             super().parse_arguments(parser, args)
         chosen = self.config.run_dir or self.config.trainer.default_root_dir or os.environ.get(RUN_DIR_ENV)
         self.run_dir = Path(chosen or Path("runs") / runs.default_run_name()).resolve()
-        runs.check_run_dir_and_checkpoint(self.run_dir, self.config.ckpt_path)  # before anything is written
+        # Before anything is written; a CLI that records nothing (evaluate.py) only reads the run directory.
+        runs.check_run_dir_and_checkpoint(self.run_dir, self.config.ckpt_path, self.save_config_callback is not None)
+        if self.save_config_callback is not None and not self.config.ckpt_path:  # a resume's is checked on loading
+            runs.require_training(self.config.trainer)
         # A resume continues with the run's own config.yaml, the arguments given on top (support/run_directory.py).
         self.config, self.changed = run_directory.with_saved_settings(parser, self.config, args, self.run_dir)
 
@@ -128,7 +132,13 @@ class TrainCLI(LightningCLI):
         if init.trainer.logger in (None, True):  # not set by the user: our default wandb logger
             kwargs["logger"] = training.wandb_logger(self.config.wandb, self.run_dir)
         kwargs["plugins"] = run_directory.with_atomic_checkpoints(init.trainer.plugins)
-        trainer = super().instantiate_trainer(callbacks=callbacks, default_root_dir=str(self.run_dir), **kwargs)
+        try:
+            trainer = super().instantiate_trainer(callbacks=callbacks, default_root_dir=str(self.run_dir), **kwargs)
+        except RuntimeError as err:  # Lightning's check of the SLURM_* variables, before ours below could run
+            if "SLURM" not in str(err):
+                raise
+            raise SettingError(f"{str(err).splitlines()[0]} (SLURM_NTASKS={os.environ.get('SLURM_NTASKS')}; outside "
+                               "a Slurm job, unset the SLURM_* variables)") from None
         training.LatestCheckpoint.after_the_others(trainer)
         if SLURMEnvironment.detect() and (problem := runs.slurm_job_mismatch(trainer.num_devices, trainer.num_nodes)):
             raise ValueError(problem)
@@ -201,12 +211,26 @@ def main(args: list[str] | dict[str, Any] | None = None) -> dict[str, Any]:
         cli = build_cli_or_exit(args)
         os.environ[RUN_DIR_ENV] = str(cli.run_dir)  # DDP workers started by Lightning inherit it
         try:
-            # One run writes into a run directory at a time: the first process holds it (DDP ranks share it).
-            with run_directory.one_writer(cli.run_dir) if cli.trainer.is_global_zero else contextlib.nullcontext():
-                with training.stopped_by_signal():  # SIGTERM: last.ckpt saved, exit status 143
-                    results = fit_and_test(cli)
+            # One run writes into a run directory at a time: the first process holds it (DDP ranks share it). A run
+            # that fails before its first training step takes the directory it made away again, wandb run included.
+            with run_directory.one_writer(cli.run_dir, untrained=lambda: cli.trainer.global_step == 0) \
+                    if cli.trainer.is_global_zero else contextlib.nullcontext():
+                try:
+                    with training.stopped_by_signal():  # SIGTERM: last.ckpt saved, exit status 143
+                        results = fit_and_test(cli)
+                except BaseException:
+                    if wandb.run is not None:
+                        wandb.finish(exit_code=1)  # marks the run as failed, and closes its files first
+                    raise
         except (DownloadError, SettingError) as err:  # raised inside fit: data that cannot be had, a bad setting
-            raise SystemExit(f"error: {err}") from None
+            # Said once: under DDP every rank raises it.
+            raise SystemExit(f"error: {err}" if cli.trainer.is_global_zero else 1) from None
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise SystemExit(f"error: no space left on the disk of {cli.run_dir} ({err.strerror}): the checkpoints "
+                             f"saved before are whole; free space, then resume with --run_dir {cli.run_dir} "
+                             "--ckpt_path last") from None
         if wandb.run is not None:
             wandb.finish()  # so the next main() in this process starts its own wandb run
         return results

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -181,11 +182,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 # ---- one writer ------------------------------------------------------------------------------------------------------
 @contextmanager
-def one_writer(run_dir: Path) -> Iterator[None]:
+def one_writer(run_dir: Path, untrained: Callable[[], bool] = lambda: True) -> Iterator[None]:
     """Holds RUN_DIR/.writer.lock while the run writes there: a second run started on the same directory stops with
     one line naming the first. The lock is the kernel's (flock; on NFS a byte-range lock), so a run that dies, even by
-    kill -9 or with its node, leaves nothing stuck. A run that ends having written nothing (data that could not be
-    downloaded, say) takes the directories it made away again. Filesystems without locks: a warning, and no check."""
+    kill -9 or with its node, leaves nothing stuck. A run that made the directory and ends having written nothing, or
+    fails while `untrained()` and without a checkpoint (a bad setting found in setup, data that could not be had),
+    takes the directories it made away again: no half-made run, lock or wandb run is left looking like one.
+    Filesystems without locks: a warning, and no check."""
     made = [folder for folder in (run_dir, *run_dir.parents) if not folder.exists()]  # deepest first
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(run_dir / LOCK_FILE), blocking=False)
@@ -204,16 +207,21 @@ def one_writer(run_dir: Path) -> Iterator[None]:
         warn(f"{run_dir}'s filesystem has no file locks: a second run on this directory would not be stopped")
         yield
         return
+    failed = False
     try:
         write_atomic(owner, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
                             f"{', Slurm job ' + os.environ['SLURM_JOB_ID'] if 'SLURM_JOB_ID' in os.environ else ''}\n")
         yield
+    except BaseException:
+        failed = True
+        raise
     finally:
         owner.unlink(missing_ok=True)
         lock.release()
-        if made and [path.name for path in run_dir.iterdir()] == [LOCK_FILE]:  # nothing written: no trace left
-            (run_dir / LOCK_FILE).unlink(missing_ok=True)
-            for folder in made:
+        nothing = [path.name for path in run_dir.iterdir()] == [LOCK_FILE]
+        if made and (nothing or (failed and untrained() and not any(run_dir.rglob("*.ckpt")))):
+            shutil.rmtree(run_dir, ignore_errors=True)
+            for folder in made[1:]:
                 try:
                     folder.rmdir()
                 except OSError:  # another run wrote there meanwhile

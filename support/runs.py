@@ -11,6 +11,7 @@ import time
 import uuid
 import zipfile
 from pathlib import Path
+from typing import Any
 
 from support.errors import SettingError
 
@@ -72,21 +73,44 @@ def slurm_job_mismatch(devices: int, nodes: int) -> str | None:
     return tasks_devices_mismatch(int(os.environ.get("SLURM_NTASKS", 1)), devices, nodes)
 
 
-def check_run_dir_and_checkpoint(run_dir: Path, ckpt_path: str | None) -> None:
-    """Refuses, before anything is written, a run directory that is a file and a --ckpt_path that cannot be resumed
-    from: a path that is no checkpoint (missing, truncated, another kind of file), or `last` where the run directory
-    has none (a mistyped --run_dir would otherwise train from scratch with only a warning)."""
+def check_run_dir_and_checkpoint(run_dir: Path, ckpt_path: str | None, writes: bool = True) -> None:
+    """Refuses, before anything is written, a run directory that is a file or already holds another run, and a
+    --ckpt_path that cannot be resumed from: a path that is no checkpoint (missing, truncated, another kind of file),
+    or `last` where the run directory has none (a mistyped --run_dir would otherwise train from scratch with only a
+    warning). `writes=False` (evaluate.py): the directory is only read, so it need not be writable or new."""
     if run_dir.exists() and not run_dir.is_dir():
         raise SettingError(f"--run_dir {run_dir} is a file: give a directory (a new one starts a new run)")
     existing = next(path for path in [run_dir, *run_dir.parents] if path.exists())  # where mkdir would start
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
+    longest = os.pathconf(existing, "PC_NAME_MAX") if existing.is_dir() else 255
+    if too_long := [part for part in run_dir.relative_to(existing).parts if len(part.encode()) > longest]:
+        raise SettingError(f"--run_dir: the name {too_long[0][:40]}... is {len(too_long[0].encode())} bytes, over the "
+                           f"{longest} that {existing}'s filesystem allows: give a shorter one")
+    if writes and (not existing.is_dir() or not os.access(existing, os.W_OK)):
         raise SettingError(f"--run_dir {run_dir}: {existing} is not a directory this user can write; give another")
+    if writes and ckpt_path is None:
+        require_no_other_run(run_dir)
     if ckpt_path == "last":
         if not (run_dir / "checkpoints" / "last.ckpt").is_file():
             raise SettingError(f"--ckpt_path last: {run_dir}/checkpoints has no last.ckpt; check --run_dir, or leave "
                                "--ckpt_path out to start afresh")
     elif ckpt_path not in (None, "hpc", "best", "registry"):
         require_checkpoint(ckpt_path, "--ckpt_path ", "a .ckpt file or `last`")
+
+
+def require_no_other_run(run_dir: Path) -> None:
+    """A run directory holds one run: a new run (no --ckpt_path) may not start where another one saved checkpoints,
+    unless Lightning resumes it itself (a Slurm requeue's hpc_ckpt_N.ckpt). Before, the second run trained with only
+    Lightning's "Checkpoint directory ... exists and is not empty": two models' checkpoints under one wandb id."""
+    if not any((run_dir / "checkpoints").glob("*.ckpt")) or any(run_dir.glob("hpc_ckpt_*.ckpt")):
+        return
+    why = ""
+    if (job := slurm_batch_job()) and run_dir.name == f"slurm-{job}":
+        why = (f" (its name comes from SLURM_JOB_ID={os.environ['SLURM_JOB_ID']}: outside that Slurm job, unset "
+               "SLURM_JOB_ID)")
+    elif os.environ.get("WANDB_SWEEP_ID") and run_dir.name.startswith("sweep-"):
+        why = " (its name comes from WANDB_SWEEP_ID and WANDB_RUN_ID: outside that sweep run, unset them)"
+    raise SettingError(f"--run_dir {run_dir} already holds a trained run{why}: continue it with --ckpt_path last, "
+                       "or give another --run_dir")
 
 
 def checkpoint_file(run_dir: Path, ckpt_path: str | None) -> Path | None:
@@ -99,7 +123,20 @@ def checkpoint_file(run_dir: Path, ckpt_path: str | None) -> Path | None:
 def require_checkpoint(path: str | Path, what: str = "", instead: str = "a .ckpt that train.py saved") -> None:
     """Refuses a path that is no checkpoint, naming it (`what` + path): missing, truncated or another kind of file,
     told apart without unpickling anything (torch.save writes a zip; a truncated one has lost its directory)."""
+    if Path(path).expanduser().is_dir():
+        raise SettingError(f"{what}{path} is a directory: give a .ckpt file in it ({path}/checkpoints/last.ckpt, say), "
+                           f"or --run_dir {path} --ckpt_path last")
     if not Path(path).expanduser().is_file():
         raise SettingError(f"{what}{path} does not exist: give {instead}")
     if not zipfile.is_zipfile(Path(path).expanduser()):
         raise SettingError(f"{what}{path} is not a checkpoint (truncated, or another kind of file): give {instead}")
+
+
+def require_training(trainer: Any) -> None:
+    """Refuses settings that train nothing (--trainer.max_epochs=0, max_steps=0, limit_train_batches=0): the run would
+    test its untrained model and report that as its result, with exit status 0."""
+    for option in ("max_epochs", "max_steps", "limit_train_batches"):
+        if getattr(trainer, option, None) == 0:
+            raise SettingError(f"--trainer.{option}=0 trains nothing: the test at the end would report an untrained "
+                               "model as the result; give at least 1 (to test a trained run: python evaluate.py "
+                               "RUN_DIR)")

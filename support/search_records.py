@@ -27,6 +27,7 @@ import os
 import random
 import socket
 import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -71,27 +72,68 @@ def record_path(search_dir: Path, number: int) -> Path:
     return search_dir / f"run-{number:04d}.json"
 
 
+NUMBER = (int, float)
+# What every record holds, and of which types: a record edited by hand or damaged otherwise ("best": "abc",
+# "history": null, a JSON list) used to stop sweep.py --status and a resume with a TypeError or AttributeError.
+RECORD_FIELDS: dict[str, tuple[type, ...]] = {
+    "number": (int,), "name": (str,), "config": (dict,), "state": (str,), "owner": (dict, type(None)),
+    "attempts": (int,), "created": NUMBER, "ended": (*NUMBER, type(None)), "history": (list,),
+    "best": (*NUMBER, type(None)), "stopped_early": (bool,), "exit_code": (int, type(None)), "test": (dict,)}
+OWNER_FIELDS = ("host", "pid", "worker", "slurm_task")
+QUARANTINED = ".quarantined"  # a damaged record's new suffix: kept for a person to read, out of the search
+_warned: set[tuple[Path, str]] = set()
+
+
+def check_record(record: Any, path: Path) -> dict[str, Any]:
+    """The record, if it is one (the fields above, of their types, its state known, its number its file's), else
+    ValueError saying what is wrong."""
+    if not isinstance(record, dict):
+        raise ValueError(f"it holds a JSON {type(record).__name__}, not a run record")
+    for key, types in RECORD_FIELDS.items():
+        value = record.get(key)
+        if key not in record or not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            kinds = "/".join("null" if t is type(None) else t.__name__ for t in types)
+            raise ValueError(f'its "{key}" is {json.dumps(value)[:40]}, not {kinds}')
+    if record["state"] not in ENGINE_STATE:
+        raise ValueError(f'its "state" {record["state"]!r} is none of {", ".join(ENGINE_STATE)}')
+    if record["owner"] is not None and any(key not in record["owner"] for key in OWNER_FIELDS):
+        raise ValueError(f'its "owner" lacks one of {", ".join(OWNER_FIELDS)}')
+    if not all(isinstance(entry, dict) for entry in record["history"]):
+        raise ValueError('its "history" holds something other than epochs')
+    if path.name != f"run-{record['number']:04d}.json":
+        raise ValueError(f'its "number" {record["number"]} is not its file\'s')
+    return record
+
+
 def read_record(path: Path) -> dict[str, Any]:
-    record = json.loads(path.read_text())
+    record = check_record(json.loads(path.read_text()), path)
     # The worker refreshes the heartbeat as the file's time (a rewrite would race train.py adding an epoch).
     record["heartbeat"] = max(record.get("heartbeat") or 0.0, path.stat().st_mtime)
     return record
 
 
 def record_numbers(search_dir: Path) -> list[int]:
-    """The numbers of all runs, from the records' names: a record that cannot be read still holds its number."""
-    return sorted(int(path.stem.removeprefix("run-")) for path in search_dir.glob("run-[0-9]*.json"))
+    """The numbers of all runs, from the records' names: a record that cannot be read, or was quarantined, still holds
+    its number (a new run given it would share its run directory)."""
+    paths = [*search_dir.glob("run-[0-9]*.json"), *search_dir.glob(f"run-[0-9]*.json{QUARANTINED}")]
+    return sorted({int(path.name.split(".")[0].removeprefix("run-")) for path in paths})
 
 
-def read_records(search_dir: Path) -> list[dict[str, Any]]:
-    """Every record, by run number. One that cannot be read (a damaged disk, a file edited by hand) is skipped with a
-    warning: the others are complete on their own."""
+def read_records(search_dir: Path, quarantine: bool = False) -> list[dict[str, Any]]:
+    """Every record, by run number. One that cannot be read or is not a record (a damaged disk, a file edited by
+    hand) is skipped with a warning: the others are complete on their own. `quarantine` (a worker, under the search's
+    lock) also renames it to run-NNNN.json.quarantined, so it is reported once and the search goes on without it."""
     records = []
     for path in sorted(search_dir.glob("run-[0-9]*.json")):
         try:
             records.append(read_record(path))
         except (OSError, ValueError) as err:
-            print(f"warning: skipping {path}: {err}", flush=True)
+            if quarantine:
+                path.replace(path.with_name(path.name + QUARANTINED))
+            kept = f"; moved to {path.name}{QUARANTINED}" if quarantine else ""
+            if (path, str(err)) not in _warned:  # once per process: --status reads the records more than once
+                _warned.add((path, str(err)))
+                print(f"warning: skipping the search record {path}: {err}{kept}", file=sys.stderr, flush=True)
     return records
 
 
@@ -222,7 +264,7 @@ def claim_or_propose(search_dir: Path, owner: dict[str, Any]) -> dict[str, Any] 
     left to do."""
     search = load_search(search_dir)
     with search_lock(search_dir):
-        records = read_records(search_dir)
+        records = read_records(search_dir, quarantine=True)
         slurm_owners = any(r["owner"]["slurm_task"] for r in records if r["state"] in IN_FLIGHT)
         queued = queued_slurm_tasks() if slurm_owners else None
         mark_vanished(search_dir, records, search["heartbeat_timeout"], queued)

@@ -70,3 +70,14 @@ def submit(grid_dir: Path, indices: list[int], k: int, command: str = "sbatch") 
     with open(grid_dir / "jobs.txt", "a") as f:
         f.write(job.group() + "\n")
     return job.group()
+
+
+
+def written_concurrency(script: Path) -> int | None:
+    """How many array tasks at once a job.sbatch was written for (--array=0-9%4: 4; a search's --array=0-3: its 4
+    workers), so a resume keeps the directory's own; None when the script does not say."""
+    match = re.search(r"^#SBATCH --array=(\d+)-(\d+)(?:%(\d+))?", script.read_text() if script.is_file() else "", re.M)
+    if not match:
+        return None
+    first, last, throttle = match.groups()
+    return int(throttle) if throttle else int(last) - int(first) + 1

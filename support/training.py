@@ -27,6 +27,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from support.atomic import write_atomic
+from support.divergence import StopOnNonFinite
 from support.errors import SettingError
 from support.lazy_layers import MaterializeLazyLayers
 from support.resumable import ExactEpochMeans, ResumableTrainingData
@@ -35,7 +36,7 @@ from support.run_directory import CONFIG_FILE, record_config, rerunnable
 from support.runs import wandb_run_id
 from support.search_records import RECORD_ENV
 from support.search_report import SearchReport
-from support.wandb_access import choose_mode, default_entity, default_project
+from support.wandb_access import choose_mode, default_entity, default_project, plain_reason
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 
@@ -66,7 +67,7 @@ class FallbackWandbLogger(WandbLogger):
         except Exception as err:  # wandb.Error, or the service's own errors (timeouts, refused credentials)
             if self._wandb_init.get("mode") == "offline":
                 raise
-            warn(f"wandb could not start online ({type(err).__name__}: {str(err).splitlines()[0][:200]}); logging "
+            warn(f"wandb could not start online ({type(err).__name__}: {plain_reason(err)}); logging "
                  f"offline instead. Upload later with `wandb sync {self.save_dir}/wandb/offline-run-*`.")
             # The failed online run stays registered in wandb's service, which then refuses the same run id
             # ("run ID ... is in use"): stop the service, so the offline run starts a fresh one.
@@ -95,6 +96,9 @@ def wandb_logger(options: WandbOptions, run_dir: Path) -> FallbackWandbLogger:
     if os.environ.get("WANDB_MODE") == "":  # wandb's own settings reject an empty one ("1 validation error")
         os.environ.pop("WANDB_MODE")
     mode, problem = choose_mode(options.mode, options.init_timeout)
+    if os.environ.get("WANDB_RUN_ID") and not os.environ.get("WANDB_SWEEP_ID"):  # a sweep agent's is meant
+        warn(f"WANDB_RUN_ID={os.environ['WANDB_RUN_ID']} is set outside a wandb sweep: this run logs into that wandb "
+             "run, as does every other run started with it; unset WANDB_RUN_ID unless that is meant")
     if problem:
         warn(f"wandb: {problem}; logging offline into {run_dir}/wandb instead. Upload later with "
              f"`wandb sync {run_dir}/wandb/offline-run-*`.")
@@ -272,10 +276,11 @@ class LatestCheckpoint(ModelCheckpoint):
 def machinery_callbacks(checkpoint_dir: str, monitors: dict[str, str | None], progress: bool) -> list[Callback]:
     """What train.py adds to the Trainer besides Lightning's own callbacks: random states and data position in every
     checkpoint, signals acted on at a batch boundary, last.ckpt at every validation, an early check of the monitored
-    metrics, lazy layers given their shapes before DDP wraps the model, and progress for a terminal (Lightning's bar)
-    or a log file (plain lines)."""
+    metrics, lazy layers given their shapes before DDP wraps the model, a stop at the first non-finite loss or
+    metric, and progress for a terminal (Lightning's bar) or a log file (plain lines)."""
     callbacks = [ResumeRNGState(), SignalsAtBatchBoundary(checkpoint_dir), ResumableTrainingData(), ExactEpochMeans(),
-                 LatestCheckpoint(checkpoint_dir), MonitoredMetricCheck(monitors), MaterializeLazyLayers()]
+                 LatestCheckpoint(checkpoint_dir), MonitoredMetricCheck(monitors), MaterializeLazyLayers(),
+                 StopOnNonFinite([*monitors.values()])]
     if record := os.environ.get(RECORD_ENV):  # a run of an offline search (support/search_worker.py)
         callbacks.append(SearchReport(Path(record)))
     if progress:

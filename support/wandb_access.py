@@ -5,7 +5,9 @@ Light on purpose (no torch, no Lightning): sweep.py's agent check runs it on log
 
 from __future__ import annotations
 
+import html
 import os
+import re
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -13,6 +15,9 @@ from typing import Any
 
 import tomllib
 
+from support.errors import SettingError
+
+WANDB_MODES = ("online", "offline", "disabled", "dryrun", "run", "shared")  # what wandb's settings accept
 OFFLINE_HINT = ("on machines without internet, run the sweep offline instead: `python sweep.py --list` (or "
                 "slurm_train.py) enumerates the same SWEEP_CONFIG, then `wandb sync` the runs")
 
@@ -86,6 +91,9 @@ def choose_mode(requested: str, init_timeout: float) -> tuple[str, str | None]:
     auto: WANDB_MODE if set, else online with credentials, offline without. Online without credentials is an
     error (wandb would prompt, forever in a terminal); online with an unreachable server becomes offline."""
     mode = requested if requested != "auto" else os.environ.get("WANDB_MODE") or "auto"
+    if os.environ.get("WANDB_MODE", "") not in ("", *WANDB_MODES):  # wandb itself fails later with 60 lines
+        raise SettingError(f"WANDB_MODE={os.environ['WANDB_MODE']} is not a wandb mode: set it to one of "
+                           f"{', '.join(WANDB_MODES)}, or unset it")
     if mode == "auto":
         if not has_wandb_credentials():
             return "offline", None
@@ -96,6 +104,20 @@ def choose_mode(requested: str, init_timeout: float) -> tuple[str, str | None]:
     if mode == "online" and (problem := server_problem(min(init_timeout, 10.0))):
         return "offline", problem
     return mode, None
+
+
+def plain_reason(err: BaseException, limit: int = 200) -> str:
+    """An error's message as one line of text. A server's HTML error page (a proxy's 501, say), which wandb passes on
+    inside JSON (<!DOCTYPE HTML>\\n<html ...), becomes its title: "returned error 501 (an HTML page: Error
+    response)"."""
+    text = re.sub(r"\\u([0-9a-fA-F]{4})", lambda match: chr(int(match.group(1), 16)), str(err))
+    text = html.unescape(text.replace("\\n", " ").replace('\\"', '"'))
+    if markup := re.search(r"<(!doctype|html|head|body)\b", text, re.IGNORECASE):
+        title = re.search(r"<title>(.*?)</title>", text, re.IGNORECASE | re.DOTALL)
+        status = re.search(r".*?returned error \d+", text[:markup.start()], re.DOTALL)
+        text = (status.group(0) if status else text[:markup.start()]) + \
+            f" (an HTML page{': ' + title.group(1).strip() if title else ''})"
+    return " ".join(text.split())[:limit]
 
 
 def agent_problem(timeout: float = 10.0) -> str | None:

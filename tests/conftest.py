@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-pytest_plugins = ["slurm_fixtures"]  # the local-Slurm fixtures, for any test that asks for them
+pytest_plugins = ["slurm_fixtures", "mount_fixtures"]  # local Slurm, small filesystems: for tests that ask
 
 
 def pytest_configure(config: pytest.Config) -> None:

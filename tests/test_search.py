@@ -196,14 +196,15 @@ def test_a_failing_run_is_recorded_as_failed_and_the_search_goes_on(tmp_path: Pa
 
 
 def test_a_damaged_record_keeps_its_number_and_counts(tmp_path: Path) -> None:
-    """A record that cannot be read (a disk error, an edit by hand) is skipped with a warning, never overwritten."""
+    """A record that cannot be read (a disk error, an edit by hand) is skipped with a warning, never overwritten: a
+    worker moves it aside whole (run-NNNN.json.quarantined), and its number stays taken."""
     search_dir = make_search(tmp_path / "search", {"method": "random", "parameters": SPACE}, 3, [])
     owner = search_records.owner_identity(0)
     first = search_records.claim_or_propose(search_dir, owner)
     search_records.write_record(search_dir, {**first, "state": "finished"})
     (search_dir / "run-0002.json").write_text("{not json")
     third = search_records.claim_or_propose(search_dir, owner)
-    assert third["number"] == 3 and (search_dir / "run-0002.json").read_text() == "{not json"
+    assert third["number"] == 3 and (search_dir / "run-0002.json.quarantined").read_text() == "{not json"
     search_records.write_record(search_dir, {**third, "state": "finished"})
     assert search_records.claim_or_propose(search_dir, owner) is None  # 3 runs, the damaged one among them
 

@@ -105,10 +105,11 @@ def test_credentials_with_an_unreachable_server_choose_offline_with_a_reason(no_
 
 
 class Refusing(http.server.BaseHTTPRequestHandler):
-    """A server that answers every request with an error: reachable, but wandb cannot start a run there."""
+    """A server that answers every request with an error: reachable, but wandb cannot start a run there. Its error
+    page is HTML, as a proxy's is: the warning must give its text, not escaped markup."""
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's names)
-        self.send_error(500)
+        self.send_error(501)  # Not Implemented, as a proxy in front of no wandb server answers
 
     do_POST = do_GET
 
@@ -174,6 +175,7 @@ def test_a_logged_in_run_without_a_server_trains_to_the_end_offline(server: str,
     assert "final metrics" in result.stdout
     warnings = [line for line in result.stderr.splitlines() if "logging offline" in line]
     assert len(warnings) == 1, result.stderr[-3000:]
+    assert not any(markup in warnings[0] for markup in ("\\u003c", "&lt;", "<", ">")), warnings[0]
     assert "Traceback" not in result.stderr
     assert len(glob.glob("run/wandb/offline-run-*/run-*.wandb")) == 1
     assert KEY not in result.stdout + result.stderr

@@ -1,0 +1,107 @@
+"""Hostile inputs through the real command lines, table-driven: per case the exit status, exactly one `error:` line
+on stderr naming the problem and the fix, no traceback, and nothing left behind (no run directory, .writer.lock or
+offline wandb run). Plus the cases that are not errors but were misleading: a full disk during a save, a stale
+WANDB_RUN_ID, a --runs-dir with a space for --local."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from conftest import QUICK, REPO, run_script, script_env
+
+pytestmark = [pytest.mark.example_model, pytest.mark.example_data]
+
+ONE_EPOCH = ["--trainer.max_epochs=1", "--cka.every_n_epochs=0", *QUICK]
+LONG_NAME = "r" * 300
+
+# (id, script and arguments, extra environment, words of the one error line). {run} is a trained run's directory.
+CASES = [
+    ("wandb-mode-garbage", ["train.py"], {"WANDB_MODE": "garbage"}, "WANDB_MODE=garbage is not a wandb mode"),
+    ("slurm-ntasks-2-one-device", ["train.py"], {"SLURM_NTASKS": "2"}, "`--ntasks=2`"),
+    ("folds-5000", ["train.py", "--data.folds=5000"], {}, "folds=5000 is more than the"),
+    ("run-dir-name-too-long", ["train.py", f"--run_dir=runs/{LONG_NAME}"], {}, "bytes, over the 255"),
+    ("max-epochs-0", ["train.py", "--trainer.max_epochs=0"], {}, "--trainer.max_epochs=0 trains nothing"),
+    ("limit-train-batches-0", ["train.py", "--trainer.limit_train_batches=0"], {},
+     "--trainer.limit_train_batches=0 trains nothing"),
+    ("ckpt-path-directory", ["train.py", "--ckpt_path={run}"], {}, "is a directory: give a .ckpt file in it"),
+    ("cka-reference-missing", ["train.py", "--cka.every_n_epochs=1", "--cka.reference_checkpoint=missing.ckpt"], {},
+     "--cka.reference_checkpoint"),
+    ("cka-unknown-layer", ["train.py", "--cka.every_n_epochs=1", "--cka.layers=[blocks.0, nosuch]"], {},
+     "unknown layer name(s) ['nosuch']"),
+    ("ckpt-path-missing", ["train.py", "--ckpt_path=missing.ckpt"], {}, "--ckpt_path missing.ckpt does not exist"),
+    ("run-dir-a-file", ["train.py", "--run_dir=afile"], {}, "is a file"),
+    ("evaluate-json-directory", ["evaluate.py", "{run}", "--json", "."], {}, "--json .: is a directory"),
+    ("evaluate-json-read-only", ["evaluate.py", "{run}", "--json", "/proc/metrics.json"], {},
+     "--json /proc/metrics.json: cannot write there"),
+    ("sweep-value-string-1e-3", ["slurm_train.py", "--sweep-config", "lr-string.json", "--dry-run"], {},
+     "give it as a number, 1e-3 without quotes"),
+]
+
+
+def files_under(folder: Path) -> set[str]:
+    """Every file and folder under `folder` but the shared dataset cache (data/)."""
+    names = {str(path.relative_to(folder)) for path in folder.rglob("*")}
+    return {name for name in names if name.split("/")[0] != "data"}
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("trained")
+    result = subprocess.run([sys.executable, str(REPO / "train.py"), *ONE_EPOCH, f"--run_dir={folder / 'run'}"],
+                            capture_output=True, text=True, env=script_env(WANDB_MODE="offline"), cwd=folder,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return folder / "run"
+
+
+@pytest.mark.parametrize("args, env, words", [case[1:] for case in CASES], ids=[case[0] for case in CASES])
+def test_hostile_input_is_one_line_and_leaves_nothing(args: list[str], env: dict[str, str], words: str,
+                                                      trained_run: Path, tmp_path: Path):
+    (tmp_path / "afile").write_text("a file, not a directory")
+    (tmp_path / "lr-string.json").write_text(json.dumps({
+        "name": "s", "program": "train.py", "method": "grid", "metric": {"name": "val/loss", "goal": "minimize"},
+        "parameters": {"optimizer.lr": {"values": ["1e-3"]}}}))
+    before = files_under(tmp_path)
+    script, *rest = [arg.replace("{run}", str(trained_run)) for arg in args]
+    result = run_script(script, *(ONE_EPOCH if script == "train.py" else []), *rest, timeout=300, **env)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert len(errors) == 1 and words in errors[0], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout, result.stderr[-3000:]
+    assert files_under(tmp_path) == before, sorted(files_under(tmp_path) - before)  # no run dir, lock or wandb run
+    assert not list(trained_run.glob("config.resume-*")) and not list(trained_run.glob("*.json"))
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_the_checkpoints_saved_before_load(tmpfs, tmp_path: Path):
+    disk = tmpfs("disk", "900k")  # room for two checkpoints of the example (375 kB each), not a third
+    result = run_script("train.py", "--trainer.max_epochs=5", "--cka.every_n_epochs=0", *QUICK,
+                        f"--run_dir={disk / 'run'}", timeout=300)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert len(errors) == 1 and "no space left on the disk of" in errors[0] and "--ckpt_path last" in errors[0]
+    saved = sorted((disk / "run" / "checkpoints").glob("*.ckpt"))
+    assert saved and all(zipfile.is_zipfile(path) for path in saved), saved
+    assert not [path for path in (disk / "run").rglob("*.tmp")]  # no temporary file left half-written
+
+
+def test_a_stale_wandb_run_id_is_warned_about(tmp_path: Path):
+    result = run_script("train.py", *ONE_EPOCH, "--run_dir=run", WANDB_RUN_ID="stale123")
+    assert result.returncode == 0, result.stderr[-2000:]
+    warnings = [line for line in result.stderr.splitlines() if "WANDB_RUN_ID=stale123" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: ") and "unset WANDB_RUN_ID" in warnings[0]
+
+
+def test_runs_dir_with_a_space_is_accepted_for_local_runs(tmp_path: Path):
+    (tmp_path / "grid.json").write_text(json.dumps({
+        "name": "s", "program": "train.py", "method": "grid", "metric": {"name": "val/loss", "goal": "minimize"},
+        "parameters": {"model.hidden_dim": {"values": [16]}}}))
+    result = run_script("slurm_train.py", "--local", "--dry-run", "--runs-dir", "my runs", "--sweep-config",
+                        "grid.json")
+    assert result.returncode == 0 and "my runs/grid-" in result.stdout, result.stderr[-2000:]
+    shutil.rmtree(tmp_path / "my runs", ignore_errors=True)
