@@ -90,4 +90,29 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.add_marker(skip)
 
 
+def copy_of_repo(copy: Path, suffix: str = "") -> Path:
+    """This repository's files (tracked, and new ones git does not ignore), those ending in `suffix`, copied into
+    `copy`: a project as a researcher has it, for tests that edit the researcher's places."""
+    names = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.splitlines()
+    for name in names:
+        if (REPO / name).is_file() and name.endswith(suffix):
+            (copy / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, copy / name)
+    return copy
+
+
+@pytest.fixture
+def toy_in_train(monkeypatch: pytest.MonkeyPatch) -> None:
+    """train.py as it reads after MODEL_CLASS = ToyClassifier and DATAMODULE_CLASS = ToyData (tests/toy.py)."""
+    from toy import ToyClassifier, ToyData
+
+    import train
+
+    monkeypatch.setattr(train, "MODEL_CLASS", ToyClassifier)
+    monkeypatch.setattr(train, "DATAMODULE_CLASS", ToyData)
+    monkeypatch.setitem(train.CLI_SETUP, "model_class", ToyClassifier)
+    monkeypatch.setitem(train.CLI_SETUP, "datamodule_class", ToyData)
+
+
 QUICK = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]

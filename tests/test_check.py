@@ -5,13 +5,12 @@ the resume contract naming the attribute, and a MONITOR the model never logs fai
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, script_env
+from conftest import REPO, copy_of_repo, script_env
 
 COUNTING_MODEL = '''
 
@@ -28,13 +27,7 @@ class CountingClassifier(ImageClassifier):
 
 def copy_with(tmp_path: Path, model_class: str, monitor: str = "val/loss", model_extra: str = "") -> Path:
     """The repository's tracked files, with train.py's "What you change" (and model.py) edited as a researcher does."""
-    tracked = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                             text=True, check=True).stdout.split()
-    copy = tmp_path / "project"
-    for name in tracked:
-        if (REPO / name).is_file():
-            (copy / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, copy / name)
+    copy = copy_of_repo(tmp_path / "project")
     (copy / "model.py").write_text((copy / "model.py").read_text() + model_extra)
     train = (copy / "train.py").read_text()
     train = train.replace("MODEL_CLASS = model.ImageClassifier", f"MODEL_CLASS = model.{model_class}", 1)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import tomllib
 import yaml
-from conftest import QUICK, REPO, script_env
+from conftest import QUICK, REPO, copy_of_repo, script_env
 from test_make_it_your_own import OWN_DATASET, OWN_MODEL, edit
 
 GIT_IDENTITY = {"GIT_AUTHOR_NAME": "Test", "GIT_AUTHOR_EMAIL": "test@example.org", "GIT_COMMITTER_NAME": "Test",
@@ -48,13 +48,7 @@ def release(template: Path, tag: str) -> None:
 
 def make_template(root: Path) -> Path:
     """This repository's files (tracked, and new ones not ignored) as a git repository in `root`, released v1.0.0."""
-    names = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                           text=True, check=True).stdout.splitlines()
-    template = root / "template"
-    for name in names:
-        if (REPO / name).is_file():
-            (template / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, template / name)
+    template = copy_of_repo(root / "template")
     ok(template, "git", "init", "-q")
     release(template, "v1.0.0")
     return template

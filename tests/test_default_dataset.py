@@ -3,26 +3,19 @@ train.py, sweeps and grids train on; sweep.py --dry-run says which data every ru
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, script_env
+from conftest import copy_of_repo, script_env
 from test_make_it_your_own import OWN_DATASET, edit
 
 pytestmark = pytest.mark.example_data  # the example DataModule's DATASETS and DEFAULT_DATASET
 
 
 def test_a_new_default_dataset_is_what_sweeps_and_grids_train_on(tmp_path: Path) -> None:
-    copy = tmp_path / "my-project"
-    tracked = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                             text=True, check=True).stdout.split()
-    for name in tracked:
-        if (REPO / name).is_file() and name.endswith(".py"):
-            (copy / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, copy / name)
+    copy = copy_of_repo(tmp_path / "my-project", suffix=".py")
     # Add a dataset the README's way and make it the default, in the lines the README names.
     edit(copy / "datamodule.py", "\n\n# Checksums and mirrors", OWN_DATASET + "# Checksums and mirrors")
     edit(copy / "datamodule.py", 'DATASETS: dict[str, DatasetSpec] = {\n',

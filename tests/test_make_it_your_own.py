@@ -6,14 +6,13 @@ maximised, and add a dataset built from synthetic data. Then every script still 
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUICK, REPO, script_env
+from conftest import QUICK, copy_of_repo, script_env
 
 # It edits the example's datamodule.py (its DATASETS): a project with data of its own (or the skeleton) skips it.
 pytestmark = pytest.mark.example_data
@@ -79,13 +78,7 @@ def edit(path: Path, old: str, new: str) -> None:
 @pytest.fixture(scope="module")
 def own_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The repository as a researcher has it after making it their own (only the documented places edited)."""
-    tracked = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                             text=True, check=True).stdout.split()
-    copy = tmp_path_factory.mktemp("my-project") / "my-project"
-    for name in tracked:
-        if (REPO / name).is_file():
-            (copy / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, copy / name)
+    copy = copy_of_repo(tmp_path_factory.mktemp("my-project") / "my-project")
     (copy / "model.py").write_text(OWN_MODEL)
     edit(copy / "datamodule.py", "\n\n# Checksums and mirrors", OWN_DATASET + "# Checksums and mirrors")
     edit(copy / "datamodule.py", 'DATASETS: dict[str, DatasetSpec] = {\n',

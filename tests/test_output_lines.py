@@ -13,21 +13,12 @@ from pathlib import Path
 import pytest
 from conftest import QUICK
 from test_search_status import make_search, run
-from toy import ToyClassifier, ToyData
 
 import train
 from support.search_status import status_lines
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 LOG_LINES = ["--trainer.enable_model_summary=false", "--cka.every_n_epochs=0"]  # progress on: plain lines here
-
-
-@pytest.fixture
-def toy_in_train(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(train, "MODEL_CLASS", ToyClassifier)
-    monkeypatch.setattr(train, "DATAMODULE_CLASS", ToyData)
-    monkeypatch.setitem(train.CLI_SETUP, "model_class", ToyClassifier)
-    monkeypatch.setitem(train.CLI_SETUP, "datamodule_class", ToyData)
 
 
 def test_a_run_ended_by_early_stopping_says_so(toy_in_train: None, capsys: pytest.CaptureFixture) -> None:

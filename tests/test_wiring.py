@@ -6,19 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import QUICK
-from toy import ToyClassifier, ToyData
+from toy import ToyClassifier
 
 import sweep
 import train
-
-
-@pytest.fixture
-def toy_in_train(monkeypatch: pytest.MonkeyPatch) -> None:
-    """train.py as it reads after MODEL_CLASS = ToyClassifier and DATAMODULE_CLASS = ToyData."""
-    monkeypatch.setattr(train, "MODEL_CLASS", ToyClassifier)
-    monkeypatch.setattr(train, "DATAMODULE_CLASS", ToyData)
-    monkeypatch.setitem(train.CLI_SETUP, "model_class", ToyClassifier)
-    monkeypatch.setitem(train.CLI_SETUP, "datamodule_class", ToyData)
 
 
 def test_a_model_with_its_own_optimizer_keeps_it_and_constructor_arguments_are_linked(toy_in_train: None):
