@@ -250,5 +250,6 @@ def test_a_project_without_the_example_trains_from_its_skeleton_and_then_with_it
     edit(project / "train.py", "DATAMODULE_CLASS = datamodule.DataModule", "DATAMODULE_CLASS = datamodule.BlobsData")
     edit(project / "train.py", 'MONITOR, MONITOR_MODE = "val/loss", "min"', 'MONITOR, MONITOR_MODE = "val/acc", "max"')
     edit(project / "sweep.py", '"data.batch_size": {"values": [32, 64, 128]},', '"data.batch_size": {"values": [16]},')
+    shutil.rmtree(project / "runs")  # a new run: one run per run directory
     out = ok(project, sys.executable, "-c", TRAIN_AND_CHECK_SWEEP)
     assert "test/acc=" in out and "maximize val/acc" in out

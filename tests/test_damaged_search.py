@@ -11,6 +11,8 @@ from conftest import run_script
 from test_search import SPACE, make_search, records
 
 from support import search_records
+from support.clusters.plan import job_start, plan_job
+from support.clusters.profiles import load_clusters
 from support.search_launch import render_search_script
 
 DAMAGE = {3: "[]", 4: {"best": "abc"}, 5: {"history": None}, 6: '{"number": 6, "na'}
@@ -18,7 +20,9 @@ DAMAGE = {3: "[]", 4: {"best": "abc"}, 5: {"history": None}, 6: '{"number": 6, "
 
 def test_damaged_records_are_skipped_by_status_and_quarantined_by_a_resume(tmp_path: Path) -> None:
     search_dir = make_search(tmp_path / "search", {"method": "random", "parameters": SPACE}, 8, ["--epochs=2"])
-    (search_dir / "job.sbatch").write_text(render_search_script(search_dir, ["#SBATCH --array=0-1"]))  # 2 workers
+    generic = plan_job(load_clusters().get("generic"), {}, check_environment=False)
+    (search_dir / "job.sbatch").write_text(render_search_script(  # 2 workers
+        search_dir, "#SBATCH --array=0-1\n" + job_start(generic, local=True)))
     owner = search_records.owner_identity(0)
     for _ in range(6):
         record = search_records.claim_or_propose(search_dir, owner)
