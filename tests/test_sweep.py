@@ -331,11 +331,12 @@ def test_run_sweep_starts_one_agent_per_gpu_and_stops_them_on_ctrl_c(tmp_path: P
     env.update(FAKE_WAIT_FOR_SIGINT="1", CUDA_VISIBLE_DEVICES="0,1")
     proc = subprocess.Popen([str(repo / "run_sweep.sh"), "me/proj/abc123", "3"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120  # generous: under load the agents' check alone took over a minute here
     while len(list(log.glob("agent-started-*"))) < 2 and time.monotonic() < deadline:
         time.sleep(0.1)
+    assert len(list(log.glob("agent-started-*"))) == 2, "the two agents never started"
     proc.send_signal(signal.SIGINT)  # Ctrl-C
-    output = proc.communicate(timeout=30)[0]
+    output = proc.communicate(timeout=90)[0]
     assert proc.returncode == 0, output
     agents = records(log, "agent-*.json")
     assert sorted(agent["cvd"] for agent in agents) == ["0", "1"], output  # one per GPU, pinned
