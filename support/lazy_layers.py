@@ -15,6 +15,7 @@ import torch
 from pytorch_lightning import Callback, LightningModule, Trainer
 from pytorch_lightning.utilities.model_helpers import is_overridden
 from torch.nn.parameter import is_lazy
+from torchmetrics import Metric
 
 from support.errors import SettingError
 
@@ -42,6 +43,9 @@ def shapes_only(pl_module: LightningModule) -> Iterator[None]:
     finally:
         del pl_module.log, pl_module.log_dict  # the class's methods again
         pl_module.train(training)
+        for module in pl_module.modules():  # the step updated its torchmetrics accumulators: that batch never ran
+            if isinstance(module, Metric):
+                module.reset()
 
 
 class MaterializeLazyLayers(Callback):

@@ -75,3 +75,27 @@ def test_a_lazy_layer_no_step_calls_is_named(tmp_path: Path) -> None:
     with pytest.raises(SettingError, match="NeverCalled still has uninitialized lazy layers"):
         MaterializeLazyLayers().setup(trainer, model, "fit")
     assert has_lazy_layers(model) and model.training  # back in training mode
+
+
+def test_the_shape_pass_leaves_no_trace_in_the_models_torchmetrics():
+    """The shape pass runs a step, which updates torchmetrics accumulators: found by `make check` (evaluate.py's
+    accuracy differed from training's on a model with a LazyLinear head), they are reset afterwards."""
+    import torch
+    from pytorch_lightning import LightningModule
+    from torchmetrics.classification import MulticlassAccuracy
+
+    from support.lazy_layers import shapes_only
+
+    class Lazy(LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head, self.acc = torch.nn.LazyLinear(3), MulticlassAccuracy(3)
+
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            self.acc(self.head(x).argmax(1), y)
+
+    model = Lazy()
+    with shapes_only(model):
+        model.validation_step((torch.randn(4, 5), torch.tensor([0, 1, 2, 0])), 0)
+    assert model.head.weight.shape == (3, 5) and model.acc.update_count == 0
