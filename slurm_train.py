@@ -39,11 +39,13 @@ from typing import Any
 import sweep
 from support.atomic import write_atomic
 from support.clusters.environments import machine_arch
-from support.clusters.plan import RESOURCES, TEMPLATE_TIME, JobPlan, missing_submit_command, plan_job, storage_notes
-from support.clusters.profiles import load_clusters, partition_table, time_seconds
+from support.clusters.plan import RESOURCES, JobPlan, missing_submit_command, plan_job, storage_notes
+from support.clusters.profiles import load_clusters, partition_table
 from support.errors import one_line
 from support.job_scripts import render_agents_script, render_script, script_head
+from support.launch_options import parse_args
 from support.local_rows import run_local, stop_orphans
+from support.packing import task_count, tasks_of
 from support.runs import tasks_devices_mismatch, timestamped_name
 from support.search_launch import extra_problem, new_search, render_search_script, unfinished_search
 from support.search_records import SEARCH_FILE
@@ -146,6 +148,7 @@ def job_plan(args: argparse.Namespace) -> JobPlan:
     given = {k: getattr(args, k) for k in RESOURCES}
     given["account"] = given["account"] or clusters.default_account or None
     plan = plan_job(clusters.get(args.cluster or clusters.default_cluster), given, check_environment=not args.local)
+    plan.local_data = not args.no_local_data
     if not args.local:
         plan.notes += storage_notes(plan, Path(args.runs_dir), Path(sys.prefix))
     return plan
@@ -154,6 +157,12 @@ def job_plan(args: argparse.Namespace) -> JobPlan:
 def unfinished(grid_dir: Path) -> list[int]:
     rows = json.loads((grid_dir / "grid.json").read_text())["rows"]
     return [i for i in range(len(rows)) if not (grid_dir / f"row-{i}" / "done").exists()]
+
+
+def runs_per_gpu(job_dir: Path) -> int:
+    """How many runs a grid's or search's array task runs at once (written before packing: 1)."""
+    return json.loads((job_dir / ("search.json" if (job_dir / "search.json").is_file() else "grid.json")).read_text()
+                      ).get("runs_per_gpu", 1)
 
 
 def new_grid_dir(root: Path) -> Path:
@@ -176,85 +185,24 @@ def start_search(args: argparse.Namespace, extra: list[str], plan: JobPlan) -> t
     grid = config.get("method") == "grid"
     sweep_config, rows = enumerate_rows(config, None if grid else min(args.count, 50), args.seed)
     check_rows(rows, extra, plan.res)  # a sample of the space, with the arguments after --
-    search_dir = new_run_dir(args, "search-")
-    header = sbatch_header(args.job_name or "search", f"0-{k - 1}", f"{k} workers, one per array task", plan.res,
-                           f"{search_dir}/worker-%a.out")
-    script = render_search_script(search_dir, script_head(plan, header, args.local))
+    search_dir, per_gpu = new_run_dir(args, "search-"), args.runs_per_gpu
+    header = sbatch_header(args.job_name or "search", f"0-{k - 1}", f"{k * per_gpu} workers, {per_gpu} per array task",
+                           plan.res, f"{search_dir}/{'worker' if per_gpu == 1 else 'task'}-%a.out")
+    script = render_search_script(search_dir, script_head(plan, header, args.local), per_gpu)
     metric = sweep_config["metric"]
     stopping = "hyperband stopping" if "early_terminate" in sweep_config else "no early stopping"
-    summary = (f"{config.get('method')} search of {args.count} runs by {k} workers, {metric['goal']} {metric['name']}, "
-               f"{stopping}; each run: train.py <proposed settings> {shlex.join(extra)}")
+    packing = f" ({per_gpu} per GPU, in {k} array tasks)" if per_gpu > 1 else ""
+    summary = (f"{config.get('method')} search of {args.count} runs by {k * per_gpu} workers{packing}, "
+               f"{metric['goal']} {metric['name']}, {stopping}; each run: train.py <proposed settings> "
+               f"{shlex.join(extra)}")
     if args.dry_run:
         print(f"{script}\n# {summary}\n# dry run: nothing written or submitted; the search directory would be "
               f"{search_dir}")
         return search_dir, []
-    new_search(search_dir, sweep_config, args.count, args.seed, extra, args.heartbeat_timeout)
+    new_search(search_dir, sweep_config, args.count, args.seed, extra, args.heartbeat_timeout, runs_per_gpu=per_gpu)
     write_atomic(search_dir / "job.sbatch", script)
     print(summary)
     return search_dir, list(range(k))
-
-
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    own = argv[:argv.index("--")] if "--" in argv else argv
-    p = argparse.ArgumentParser(description="Run the sweep's configs as one Slurm job array (see the docstring).",
-                                usage="python slurm_train.py [options] [-- train.py arguments for every row]")
-    p.add_argument("--sample", type=int, help="this many seeded random draws instead of the grid")
-    p.add_argument("--seed", type=int, default=0, help="seed of the --sample draws or of the --search engine")
-    p.add_argument("--search", action="store_true", help="the sweep's own method (bayes, hyperband stopping) run by "
-                   "--max-concurrent workers that propose --count runs from the runs' records, without wandb's server")
-    p.add_argument("--count", type=int, help="with --search: how many runs in all")
-    p.add_argument("--heartbeat-timeout", type=float, default=600.0,
-                   help="with --search: seconds without a heartbeat after which a run on an unreachable node counts as "
-                        "crashed (default 600)")
-    p.add_argument("--sweep-config", help="JSON/YAML file with a sweep config (default: sweep.SWEEP_CONFIG)")
-    p.add_argument("--max-concurrent", type=int, help="array tasks (or --local processes) at once (default 4; with "
-                   "--resume, the directory's own)")
-    p.add_argument("--dry-run", action="store_true", help="check, print the script and the runs; write nothing")
-    p.add_argument("--local", action="store_true", help="no Slurm: run the rows as processes on this machine")
-    p.add_argument("--resume", metavar="RUN_DIR", help="resubmit only the rows of RUN_DIR that did not finish")
-    p.add_argument("--runs-dir", default="runs", help="where the grid directory is made (default: runs)")
-    p.add_argument("--job-name", help="default: grid, or search with --search")
-    p.add_argument("--agents", metavar="SWEEP_ID", help="wandb sweep agents for ENTITY/PROJECT/SWEEP_ID instead: "
-                   "--count agents (one run each), --max-concurrent at a time (sbatch_agent.sh, with this cluster's "
-                   "header)")
-    p.add_argument("--cluster", "--preset", help="a cluster of clusters.toml (hec, bede, generic; default: its "
-                   "default_cluster): its partitions' limits and header")
-    p.add_argument("--clusters", action="store_true", help="print the known clusters' partitions and exit")
-    p.add_argument("--partition", help="default: the cluster's default partition")
-    p.add_argument("--account", help="the project to charge (required on Bede)")
-    p.add_argument("--time", help=f"time limit per row (default {TEMPLATE_TIME}, or the partition's maximum if less)")
-    p.add_argument("--nodes", type=int, help="nodes per row (default 1; append -- --trainer.num_nodes=N)")
-    p.add_argument("--gpus-per-node", type=int, help="default 1; 0: CPU only")
-    p.add_argument("--gpu-type", help="a GPU type of the partition (its gres name: --clusters lists them)")
-    p.add_argument("--ntasks-per-node", type=int, help="default: the GPUs per node (one task per device)")
-    p.add_argument("--cpus-per-task", type=int, help="default: the cluster's (4), none where GPUs bring CPUs")
-    p.add_argument("--mem", help="memory per node (default: the cluster's, 16G; none where GPUs bring memory)")
-    args = p.parse_args(own)
-    if args.max_concurrent is None and not args.resume:
-        args.max_concurrent = 4
-    if bool(args.search or args.agents) != (args.count is not None) or (args.count and args.sample is not None):
-        p.error("--search needs --count N (how many runs in all; --agents too), and --count and --sample fit only "
-                "one of them: --search --count N (adaptive), or --sample N (random draws, no search)")
-    if args.agents and (args.search or args.local or args.resume or extra):
-        p.error("--agents runs wandb agents on Slurm: drop --search, --local, --resume and -- (agents on this machine: "
-                "./run_sweep.sh)")
-    for option in ("max_concurrent", "count", "sample", "nodes", "gpus_per_node", "ntasks_per_node", "cpus_per_task"):
-        lowest = 0 if option == "gpus_per_node" else 1
-        if getattr(args, option) is not None and getattr(args, option) < lowest:
-            p.error(f"--{option.replace('_', '-')} must be at least {lowest}, got {getattr(args, option)}")
-    if args.time is not None and time_seconds(args.time) is None:
-        p.error(f"--time {args.time!r} is not a Slurm time: use MM, HH:MM:SS, D-HH or D-HH:MM:SS (e.g. 08:00:00)")
-    runs_dir = Path(args.runs_dir)
-    if runs_dir.exists() and not runs_dir.is_dir():
-        p.error(f"--runs-dir {args.runs_dir} is a file; give a directory (it is created if missing)")
-    if args.resume:
-        given = [f"--{k.replace('_', '-')}" for k in [*RESOURCES, "sample", "count", "sweep_config", "cluster"]
-                 if getattr(args, k) is not None]
-        if given or extra:
-            p.error(f"--resume reruns the grid as it was written: drop {' '.join(given) or '--'} "
-                    f"(edit {args.resume}/job.sbatch to change its resources)")
-    return args, extra
 
 
 def start_grid(args: argparse.Namespace, extra: list[str], plan: JobPlan) -> tuple[Path, list[int]]:
@@ -263,21 +211,25 @@ def start_grid(args: argparse.Namespace, extra: list[str], plan: JobPlan) -> tup
     config = load_sweep_config(args.sweep_config)
     _, rows = enumerate_rows(config, args.sample, args.seed)
     check_rows(rows, extra, plan.res)  # before anything is written: a bad row fails here, not in the queue
-    grid_dir = new_run_dir(args, "grid-")
-    script = render_script(grid_dir, len(rows), args.max_concurrent, plan, args.job_name or "grid", args.local)
+    grid_dir, per_gpu = new_run_dir(args, "grid-"), args.runs_per_gpu
+    script = render_script(grid_dir, len(rows), args.max_concurrent, plan, args.job_name or "grid", args.local, per_gpu)
     argvs = [sweep.to_argv(row) + extra for row in rows]
+    tasks = task_count(len(rows), per_gpu)
     if args.dry_run:
         print(script)
-        print(f"# {len(rows)} runs (each with --run_dir={grid_dir}/row-<i>); dry run: nothing written or submitted")
+        packing = (f", {per_gpu} per GPU at once: {tasks} array tasks, task t running rows t*{per_gpu} to "
+                   f"t*{per_gpu}+{per_gpu - 1}" if per_gpu > 1 else "")
+        print(f"# {len(rows)} runs (each with --run_dir={grid_dir}/row-<i>){packing}; dry run: nothing written or "
+              "submitted")
         print("\n".join(f"# row {i}: " + shlex.join(["python", "train.py", *a]) for i, a in enumerate(argvs)))
         return grid_dir, []
     grid_dir.mkdir(parents=True)
     table = [{"row": i, "config": row, "argv": a} for i, (row, a) in enumerate(zip(rows, argvs, strict=True))]
-    grid = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "sweep": config.get("name"),
-            "sample": args.sample, "seed": args.seed, "extra": extra, "rows": table}
+    grid = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "sweep": config.get("name"), "sample": args.sample,
+            "seed": args.seed, "extra": extra, "runs_per_gpu": per_gpu, "rows": table}
     write_atomic(grid_dir / "grid.json", json.dumps(grid, indent=1) + "\n")
     write_atomic(grid_dir / "job.sbatch", script)
-    return grid_dir, list(range(len(rows)))
+    return grid_dir, list(range(tasks))
 
 
 def start_agents(args: argparse.Namespace, plan: JobPlan) -> tuple[Path, list[int]]:
@@ -316,22 +268,24 @@ def main(argv: list[str] | None = None) -> int:
             if not (search or (grid_dir / "grid.json").is_file()) or not (grid_dir / "job.sbatch").is_file():
                 raise LaunchError(f"{grid_dir} is neither a grid nor a search directory (no grid.json, search.json or "
                                   "job.sbatch)")
-            indices = (list(range(k)) if unfinished_search(grid_dir) else []) if search else unfinished(grid_dir)
+            per_gpu, rows = runs_per_gpu(grid_dir), [] if search else unfinished(grid_dir)
+            indices = (list(range(k)) if unfinished_search(grid_dir) else []) if search else tasks_of(rows, per_gpu)
             if not indices:
                 print(f"every {'run' if search else 'row'} of {grid_dir} has finished: nothing to resubmit")
                 return 0
             if not args.local and (jobs := active_jobs(grid_dir)):
                 raise LaunchError(f"job(s) {', '.join(jobs)} of this grid are still queued or running: wait for "
                                   f"them or scancel them first, else rows would run twice")
-            print(f"{k} new worker(s) for the search" if search else
-                  f"{len(indices)} unfinished row(s): --array={array_spec(indices, k)}")
+            print(f"{k * per_gpu} new worker(s) for the search" if search else
+                  f"{len(rows)} unfinished row(s){f' in {len(indices)} task(s)' if per_gpu > 1 else ''}: "
+                  f"--array={array_spec(indices, k)}")
             if args.dry_run:
                 print((grid_dir / "job.sbatch").read_text())
                 return 0
             command = resubmit_command(grid_dir)
         else:
             plan = job_plan(args)
-            command, search = plan.submit, args.search
+            command, search, per_gpu = plan.submit, args.search, args.runs_per_gpu
             if not (args.local or args.dry_run) and shutil.which(command) is None:
                 raise LaunchError(missing_submit_command(plan))
             start = start_agents(args, plan) if args.agents else \
@@ -341,8 +295,9 @@ def main(argv: list[str] | None = None) -> int:
             if not indices:
                 return 0  # a dry run
             created = grid_dir
-        label = "agent" if args.agents else "worker" if search else "row"
-        what = f"{k} search worker(s)" if search else f"{len(indices)} {label}(s), at most {k} at a time"
+        label = "agent" if args.agents else "task" if per_gpu > 1 else "worker" if search else "row"
+        what = (f"{k * per_gpu} search worker(s)" if search else f"{len(indices)} {label}(s), at most {k} at a time") \
+            + (f", {per_gpu} runs at once in each task (--runs-per-gpu)" if per_gpu > 1 else "")
         if args.local:
             from filelock import FileLock, Timeout
 
@@ -367,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     follow = (f"progress:  python sweep.py --status {grid_dir}" if search else
-              f"resume the rows that did not finish:  python slurm_train.py --resume {grid_dir}" if label == "row" else
+              f"resume the rows that did not finish:  python slurm_train.py --resume {grid_dir}" if not args.agents else
               "progress:  the sweep's page on wandb")
     print(f"submitted job {job} with {command}: {what}\nrun directory: {grid_dir}\n"
           f"watch:  squeue -r -j {job}      logs:  tail -f {grid_dir / f'{label}-{indices[0]}.out'}\n{follow}")

@@ -44,7 +44,7 @@ from pytorch_lightning.utilities.model_helpers import is_overridden
 
 import datamodule
 import model
-from support import class_choice, gpu_check, linking, run_directory, runs, training
+from support import class_choice, gpu_check, linking, packing, run_directory, runs, training
 from support.cka_monitor import CKAMonitor
 from support.downloads import DownloadError
 from support.errors import SettingError, one_line
@@ -225,6 +225,8 @@ def main(args: list[str] | dict[str, Any] | None = None) -> dict[str, Any]:
         except (DownloadError, SettingError) as err:  # raised inside fit: data that cannot be had, a bad setting
             # Said once: under DDP every rank raises it.
             raise SystemExit(f"error: {err}" if cli.trainer.is_global_zero else 1) from None
+        except torch.cuda.OutOfMemoryError as err:  # one line, naming --runs-per-gpu when runs share the GPU
+            raise SystemExit(packing.out_of_memory_line(err)) from None
         except OSError as err:
             if err.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise

@@ -14,6 +14,8 @@ CKA exactness          cka.cka_matrix of float32 activations on the GPU equals f
 CKA speed              the same matrix is faster on the GPU than on the CPU (the ratio is printed)
 DDP resume             2 GPUs, DDP, --trainer.deterministic=true: a run stopped by SIGTERM mid-epoch and resumed ends
                        with the weights of an uninterrupted run, bit for bit
+Then, on a GPU, benchmarks/packing.py's table: runs per GPU-hour and peak memory per run with K = 1, 2, 4 runs packed
+on GPU 0 (--no-packing: skip it).
 
 Exit status: 0 when every check that ran passed (the table says which were skipped, and why: DDP needs 2 GPUs); 1
 when a check failed; 3 when there is no GPU, so that every check was skipped and nothing was checked.
@@ -239,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="cpu: rehearse the checks on the CPU (DDP over gloo); it says nothing of GPUs")
     parser.add_argument("--keep", metavar="DIR", help="write the runs into DIR and keep them (default: a temporary "
                                                       "directory, removed at the end)")
+    parser.add_argument("--no-packing", action="store_true", help="skip the packing table (benchmarks/packing.py)")
     args = parser.parse_args(argv)
     work = Path(args.keep or tempfile.mkdtemp(prefix="gpu-check-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -256,6 +259,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped ({len(skipped)} of {len(results)}): {', '.join(skipped)}")
     print({0: "every check that ran passed", 1: "FAILED: see the table",
            NO_GPU: f"no GPU here: nothing was checked (exit status {NO_GPU})"}[status])
+    if args.accelerator == "gpu" and status != NO_GPU and not args.no_packing:
+        import packing  # benchmarks/packing.py, beside this script
+
+        print(f"packing (benchmarks/packing.py): 4 runs of the example, 3 epochs each, per K, on GPU 0\n"
+              f"{packing.run('gpu', runs=4, epochs=3)}")
     return status
 
 

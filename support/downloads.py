@@ -31,6 +31,7 @@ from filelock import FileLock, Timeout
 from pySmartDL import SmartDL
 
 from support.atomic import write_atomic
+from support.local_data import staged
 
 COMPLETE_MARKER = "COMPLETE"  # written last: a dataset directory without it is never trusted
 PROCESSED_FILE = "data.pt"
@@ -200,7 +201,7 @@ def prepare_dataset(name: str, spec: DatasetDeclaration, data_dir: str | Path, m
     marker = root / COMPLETE_MARKER
     fingerprint = declaration_fingerprint(spec)
     if built_by(marker) == fingerprint:  # fast path: no lock, no network
-        return root / PROCESSED_FILE
+        return staged(root / PROCESSED_FILE, fingerprint)  # a node-local copy where the job asked for one
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -243,7 +244,7 @@ def prepare_dataset(name: str, spec: DatasetDeclaration, data_dir: str | Path, m
         raise
     finally:
         lock.release()
-    return root / PROCESSED_FILE
+    return staged(root / PROCESSED_FILE, fingerprint)
 
 
 def built_by(marker: Path) -> str | None:

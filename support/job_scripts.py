@@ -9,6 +9,8 @@ import shlex
 from pathlib import Path
 
 from support.clusters.plan import JobPlan, job_start
+from support.local_rows import LOCAL_TASK_ENV
+from support.packing import RUNS_PER_GPU_ENV, task_count
 from support.slurm_jobs import sbatch_header
 
 REPO_DIR = Path(__file__).resolve().parent.parent
@@ -20,45 +22,75 @@ def script_head(plan: JobPlan, header: list[str], local: bool) -> str:
     return "\n".join(header) + f"\n{how}\n{job_start(plan, local)}"
 
 
-def render_script(grid_dir: Path, n: int, k: int, plan: JobPlan, name: str, local: bool = False) -> str:
-    """The batch script: #SBATCH header from the resources, then the array task: read its row, run it, mark it."""
-    header = sbatch_header(name, f"0-{n - 1}%{k}", f"{n} rows, at most {k} at a time", plan.res,
-                           f"{grid_dir}/row-%a.out")
+def render_script(grid_dir: Path, n: int, k: int, plan: JobPlan, name: str, local: bool = False,
+                  runs_per_gpu: int = 1) -> str:
+    """The batch script: #SBATCH header from the resources, then the array task: its rows (runs_per_gpu of them, at
+    once, each as its own srun step), each read from grid.json, run, and marked done when train.py exited 0."""
+    tasks = task_count(n, runs_per_gpu)
+    packing = f", {runs_per_gpu} runs per GPU: {tasks} tasks" if runs_per_gpu > 1 else ""
+    header = sbatch_header(name, f"0-{tasks - 1}%{k}", f"{n} rows{packing}, at most {k} tasks at a time", plan.res,
+                           f"{grid_dir}/{'row' if runs_per_gpu == 1 else 'task'}-%a.out")
     q = shlex.quote
     return f"""#!/usr/bin/env bash
-# Grid of {n} train.py runs, one array task per row of grid.json; written by slurm_train.py, which submitted it.
+# Grid of {n} train.py runs, {runs_per_gpu} row(s) of grid.json per array task; written and submitted by slurm_train.py.
 #   python slurm_train.py --resume {q(str(grid_dir))}   # resubmit the rows without a row-<i>/done marker
 #   squeue -r -j <job id>;  tail -f {q(str(grid_dir))}/row-0.out
 {script_head(plan, header, local)}
 grid_dir={q(str(grid_dir))}
-row=${{GRID_ROW:-${{SLURM_ARRAY_TASK_ID:?submit with sbatch, or run: python slurm_train.py --local}}}}
-row_dir=$grid_dir/row-$row
-die() {{ echo "job.sbatch, row $row: $*" >&2; exit 1; }}
-if [ -e "$row_dir/done" ]; then echo "row $row already finished ($row_dir/done)"; exit 0; fi
-argv=$("$python" -c 'import json, sys; row = json.load(open(sys.argv[1]))["rows"][int(sys.argv[2])]
-print("\\n".join(row["argv"]))' "$grid_dir/grid.json" "$row") || die "cannot read row $row of $grid_dir/grid.json"
-mapfile -t args <<< "$argv"
-# A requeued or resumed row continues from its own checkpoints: Lightning's hpc_ckpt_N, else its last.ckpt.
-resume=()
-if [ -f "$row_dir/checkpoints/last.ckpt" ] && ! compgen -G "$row_dir/hpc_ckpt_*.ckpt" > /dev/null; then
-  resume=(--ckpt_path=last)
-fi
-launch=()
-if [ -n "${{SLURM_JOB_ID:-}}" ]; then
-  tasks=${{SLURM_NTASKS_PER_NODE:-1}}  # train.py checks on every task that they match the Trainer's devices
-  # Since Slurm 22.05 srun no longer inherits --cpus-per-task from sbatch.
-  if [ -n "${{SLURM_CPUS_PER_TASK:-}}" ]; then export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK; fi
-  launch=(srun --ntasks-per-node="$tasks" --kill-on-bad-exit=1)
-fi
-start=$(date +%s.%N)
-echo "row $row on $(hostname) ($arch, $python), CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES:-}}: train.py ${{args[*]}}"
-"${{launch[@]}}" "$python" {q(str(REPO_DIR / "train.py"))} "${{resume[@]}}" "${{args[@]}}" --run_dir="$row_dir"
-# Only reached when train.py exited 0 (set -e): a crashed or killed row is never marked finished.
-mkdir -p "$row_dir"
-printf '{{"row": %s, "job": "%s", "host": "%s", "start": %s, "end": %s}}\\n' "$row" \\
-  "${{SLURM_ARRAY_JOB_ID:-local}}_${{SLURM_ARRAY_TASK_ID:-$row}}" "$(hostname)" "$start" "$(date +%s.%N)" \\
-  > "$row_dir/.done.$$"
-mv "$row_dir/.done.$$" "$row_dir/done"
+rows_in_grid={n}
+export {RUNS_PER_GPU_ENV}={runs_per_gpu}  # runs sharing this task's GPU(s): train.py names it when memory runs out
+task=${{{LOCAL_TASK_ENV}:-${{SLURM_ARRAY_TASK_ID:?submit with sbatch, or run: python slurm_train.py --local}}}}
+
+run_row() {{  # one row: read its argv, resume its own checkpoints, run train.py, mark it done only if that exited 0
+  local row=$1 row_dir=$grid_dir/row-$1 argv start
+  local -a args resume=() launch=()
+  if [ -e "$row_dir/done" ]; then echo "row $row already finished ($row_dir/done)"; return 0; fi
+  argv=$("$python" -c 'import json, sys; row = json.load(open(sys.argv[1]))["rows"][int(sys.argv[2])]
+print("\\n".join(row["argv"]))' "$grid_dir/grid.json" "$row") || {{ echo "cannot read row $row"; return 1; }}
+  mapfile -t args <<< "$argv"
+  # A requeued or resumed row continues from its own checkpoints: Lightning's hpc_ckpt_N or last.ckpt, the newer.
+  if [ -f "$row_dir/checkpoints/last.ckpt" ] && [ -z "$(find "$row_dir" -maxdepth 1 -name 'hpc_ckpt_*.ckpt' \\
+       -newer "$row_dir/checkpoints/last.ckpt" 2>/dev/null)" ]; then
+    resume=(--ckpt_path=last)
+  fi
+  if [ -n "${{SLURM_JOB_ID:-}}" ]; then
+    # One step per run with one task per device (train.py checks that they match the Trainer's devices); packed runs
+    # share the task's CPUs and GPUs (--overlap), each with its own DDP port.
+    launch=(srun --ntasks-per-node="${{SLURM_NTASKS_PER_NODE:-1}}" --kill-on-bad-exit=1)
+    if [ "${RUNS_PER_GPU_ENV}" -gt 1 ]; then
+      launch+=(--overlap)
+      MASTER_PORT=$("$python" -c 'from support.packing import free_port; print(free_port())') || return 1
+      export MASTER_PORT
+    fi
+  fi
+  start=$(date +%s.%N)
+  echo "row $row on $(hostname) ($arch, $python), CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES:-}}:" \\
+    "train.py ${{args[*]}}"
+  "${{launch[@]}}" "$python" {q(str(REPO_DIR / "train.py"))} "${{resume[@]}}" "${{args[@]}}" --run_dir="$row_dir" \\
+    || return $?
+  mkdir -p "$row_dir"
+  printf '{{"row": %s, "job": "%s", "host": "%s", "start": %s, "end": %s}}\\n' "$row" \\
+    "${{SLURM_ARRAY_JOB_ID:-local}}_${{SLURM_ARRAY_TASK_ID:-$task}}" "$(hostname)" "$start" "$(date +%s.%N)" \\
+    > "$row_dir/.done.$BASHPID"
+  mv "$row_dir/.done.$BASHPID" "$row_dir/done"
+}}
+
+# Since Slurm 22.05 srun no longer inherits --cpus-per-task from sbatch.
+if [ -n "${{SLURM_CPUS_PER_TASK:-}}" ]; then export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK; fi
+export PYTHONPATH={q(str(REPO_DIR))}${{PYTHONPATH:+:$PYTHONPATH}}
+rows=()
+for ((r = task * {runs_per_gpu}; r < (task + 1) * {runs_per_gpu} && r < rows_in_grid; r++)); do rows+=("$r"); done
+pids=()
+for row in "${{rows[@]}}"; do  # each row's output in its own row-<i>.out; one that fails leaves the others running
+  run_row "$row" >> "$grid_dir/row-$row.out" 2>&1 &
+  pids+=($!)
+done
+failed=()
+for i in "${{!rows[@]}}"; do
+  wait "${{pids[$i]}}" || failed+=("${{rows[$i]}}")
+done
+# A crashed, cancelled or requeued row has no done marker: the task fails, and --resume reruns only those rows.
+if [ "${{#failed[@]}}" -gt 0 ]; then echo "row(s) ${{failed[*]}} of task $task failed: see row-<i>.out" >&2; exit 1; fi
 """
 
 

@@ -38,15 +38,18 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
-# The variable job.sbatch reads its array index from when it runs outside Slurm.
+# The array task a job script runs outside Slurm (where Slurm sets SLURM_ARRAY_TASK_ID).
+LOCAL_TASK_ENV = "LOCAL_ARRAY_TASK"
+# The variables job.sbatch read their array index from outside Slurm before LOCAL_TASK_ENV: set too, so a directory
+# written by an earlier version resumes here.
 TASK_VARIABLE = {"row": "GRID_ROW", "worker": "SEARCH_WORKER"}
 
 
 def run_local(grid_dir: Path, indices: list[int], k: int, label: str = "row") -> int:
-    """The rows (label "row") or search workers ("worker") as processes here running job.sbatch: at most k at a time
-    on CPU, one per visible GPU, pinned by CUDA_VISIBLE_DEVICES; without SLURM_*, so no srun step (it gets all GPUs).
-    Each writes <label>-<i>.out in grid_dir. SIGTERM, SIGINT or SIGHUP stop every row (each saves its last.ckpt), start
-    no more, and end with 128 + the signal."""
+    """The rows (label "row"), search workers ("worker") or packed tasks of either ("task") as processes here running
+    job.sbatch: at most k at a time on CPU, one per visible GPU, pinned by CUDA_VISIBLE_DEVICES; without SLURM_*, so
+    no srun step (it gets all GPUs). Each writes <label>-<i>.out in grid_dir. SIGTERM, SIGINT or SIGHUP stop every
+    row (each saves its last.ckpt), start no more, and end with 128 + the signal."""
     gpus = visible_gpus()
     slots: list[str | None] = list(gpus[:k]) if gpus else [None] * k
     pending, running, failed = list(indices), {}, []  # running: guard process -> (row, slot)
@@ -66,7 +69,9 @@ def run_local(grid_dir: Path, indices: list[int], k: int, label: str = "row") ->
                 slot = next(s for s in range(len(slots)) if s not in {sl for _, sl in running.values()})
                 row = pending.pop(0)
                 env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-                env[TASK_VARIABLE[label]] = str(row)
+                env[LOCAL_TASK_ENV] = str(row)
+                if label in TASK_VARIABLE:
+                    env[TASK_VARIABLE[label]] = str(row)
                 if slots[slot] is not None:
                     env["CUDA_VISIBLE_DEVICES"] = str(slots[slot])
                 with open(grid_dir / f"{label}-{row}.out", "a") as log:

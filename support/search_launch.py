@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from support.local_rows import LOCAL_TASK_ENV
+from support.packing import RUNS_PER_GPU_ENV
 from support.search_records import IN_FLIGHT, create_search, load_search, read_records
 
 REPO_DIR = Path(__file__).resolve().parent.parent
@@ -24,28 +26,42 @@ def extra_problem(extra: list[str]) -> str | None:
 
 
 def new_search(search_dir: Path, sweep: dict[str, Any], count: int, seed: int, extra: list[str],
-               heartbeat_timeout: float, program: list[str] | None = None) -> None:
+               heartbeat_timeout: float, program: list[str] | None = None, runs_per_gpu: int = 1) -> None:
     """Creates the search directory with search.json: what every worker reads, never changed afterwards. `program`
     (default: this interpreter and train.py) is what each run runs, with the run's --key=value settings."""
     create_search(search_dir, {
         "name": search_dir.name, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "sweep": sweep, "count": count,
-        "seed": seed, "extra": extra, "heartbeat_timeout": heartbeat_timeout,
+        "seed": seed, "extra": extra, "heartbeat_timeout": heartbeat_timeout, "runs_per_gpu": runs_per_gpu,
         # A script: each worker runs it with its own interpreter (the environment of its node's architecture).
         "program": program or [str(REPO_DIR / "train.py")]})
 
 
-def render_search_script(search_dir: Path, head: str) -> str:
-    """The workers' batch script; `head`: its #SBATCH header, set-up and $python (support/job_scripts.py)."""
+def render_search_script(search_dir: Path, head: str, runs_per_gpu: int = 1) -> str:
+    """The workers' batch script; `head`: its #SBATCH header, set-up and $python (support/job_scripts.py). Each array
+    task runs `runs_per_gpu` workers at once (worker task*K + j, each logging to worker-<n>.out)."""
     q = shlex.quote
+    worker = f'"$python" -m support.search_worker {q(str(search_dir))} --worker'
+    if runs_per_gpu == 1:
+        run = f'exec {worker} "$task"\n'
+    else:
+        run = f"""pids=()
+for ((j = 0; j < {runs_per_gpu}; j++)); do  # one that fails or is killed leaves the others running
+  {worker} $((task * {runs_per_gpu} + j)) >> {q(str(search_dir))}/worker-$((task * {runs_per_gpu} + j)).out 2>&1 &
+  pids+=($!)
+done
+status=0
+for pid in "${{pids[@]}}"; do wait "$pid" || status=$?; done
+exit "$status"
+"""
     return f"""#!/usr/bin/env bash
-# Offline search: workers sharing {q(str(search_dir))}, one array task each; written by slurm_train.py --search.
+# Offline search: workers sharing {q(str(search_dir))}, {runs_per_gpu} per array task; by slurm_train.py --search.
 #   python sweep.py --status {q(str(search_dir))}      # the runs so far, best first, and status.png
 #   python slurm_train.py --resume {q(str(search_dir))}   # new workers, if the workers ended before the search
 {head}
-worker=${{SEARCH_WORKER:-${{SLURM_ARRAY_TASK_ID:?submit with sbatch, or run: python slurm_train.py --search --local}}}}
+task=${{{LOCAL_TASK_ENV}:-${{SLURM_ARRAY_TASK_ID:?submit with sbatch, or run: python slurm_train.py --search --local}}}}
 export PYTHONPATH={q(str(REPO_DIR))}${{PYTHONPATH:+:$PYTHONPATH}}
-exec "$python" -m support.search_worker {q(str(search_dir))} --worker "$worker"
-"""
+export {RUNS_PER_GPU_ENV}={runs_per_gpu}  # runs sharing this task's GPU(s): train.py names it when memory runs out
+{run}"""
 
 
 def unfinished_search(search_dir: Path) -> bool:

@@ -157,8 +157,8 @@ def owner_identity(worker: int) -> dict[str, Any]:
 def is_own(record: dict[str, Any], owner: dict[str, Any]) -> bool:
     """Whether `owner` (a requeued array task, or the same local worker slot) left this run unfinished."""
     mine = record["owner"]
-    if owner["slurm_task"] is not None:
-        return mine["slurm_task"] == owner["slurm_task"]
+    if owner["slurm_task"] is not None:  # and the same worker of the task: a packed task runs several
+        return mine["slurm_task"] == owner["slurm_task"] and mine["worker"] == owner["worker"]
     return mine["slurm_task"] is None and mine["host"] == owner["host"] and mine["worker"] == owner["worker"]
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from support.atomic import write_atomic
+from support.packing import free_port, packed
 from support.search_records import (
     HEARTBEAT_SECONDS,
     RECORD_ENV,
@@ -70,7 +71,9 @@ def launcher() -> list[str]:
     receives the job's SIGUSR1 (#SBATCH --signal) there: Lightning then saves and requeues the array task."""
     if not os.environ.get("SLURM_JOB_ID"):
         return []
-    return ["srun", f"--ntasks-per-node={os.environ.get('SLURM_NTASKS_PER_NODE', '1')}", "--kill-on-bad-exit=1"]
+    overlap = ["--overlap"] if packed() > 1 else []  # packed workers' runs share the task's CPUs and GPUs
+    return ["srun", f"--ntasks-per-node={os.environ.get('SLURM_NTASKS_PER_NODE', '1')}", "--kill-on-bad-exit=1",
+            *overlap]
 
 
 class Worker:
@@ -106,6 +109,8 @@ class Worker:
         env = {**os.environ, RECORD_ENV: str(path)}
         if "SLURM_CPUS_PER_TASK" in env:  # since Slurm 22.05 srun no longer inherits --cpus-per-task from sbatch
             env["SRUN_CPUS_PER_TASK"] = env["SLURM_CPUS_PER_TASK"]
+        if packed() > 1 and "SLURM_JOB_ID" in env:  # Lightning's port from the job id is the same for every packed run
+            env["MASTER_PORT"] = str(free_port())
         started = time.time()
         print(f"{record['name']} (attempt {record['attempts']}) on {self.owner['host']}: {shlex.join(command)}",
               flush=True)

@@ -72,7 +72,6 @@ def submit(grid_dir: Path, indices: list[int], k: int, command: str = "sbatch") 
     return job.group()
 
 
-
 def written_concurrency(script: Path) -> int | None:
     """How many array tasks at once a job.sbatch was written for (--array=0-9%4: 4; a search's --array=0-3: its 4
     workers), so a resume keeps the directory's own; None when the script does not say."""

@@ -28,6 +28,7 @@ from support.clusters.environments import (
 )
 from support.clusters.profiles import Cluster, NodeType, Partition, duration, time_seconds
 from support.gpu_check import TORCH_CUDA_BUILDS
+from support.local_data import LOCAL_DATA_ENV
 from support.slurm_jobs import LaunchError
 
 TEMPLATE_TIME = "08:00:00"  # a job's --time where none is given, or the partition's maximum if that is shorter
@@ -43,6 +44,7 @@ class JobPlan:
     submit: str = "sbatch"
     environment: Path | None = None  # the environment of the partition's architecture
     notes: list[str] = field(default_factory=list)  # printed, not refused
+    local_data: bool = True  # read datasets from a copy on the node's local scratch, where the cluster has one
 
 
 def plan_job(cluster: Cluster, given: dict[str, Any], check_environment: bool = True) -> JobPlan:
@@ -229,5 +231,8 @@ def job_start(plan: JobPlan, local: bool = False) -> str:
     setup = "" if local or not cluster.setup else \
         f"# {cluster.name}'s set-up (clusters.toml), before set -u: module scripts read unset variables\n" + \
         "\n".join(cluster.setup) + "\n"
+    if cluster.local_scratch and plan.local_data and not local:  # before set -u: a node without it stages nothing
+        setup += (f"# Datasets are read from a copy on the node's own disk (clusters.toml local_scratch; "
+                  f"--no-local-data: off)\nexport {LOCAL_DATA_ENV}=\"{cluster.local_scratch}\"\n")
     login = {arch: _login(cluster, arch, plan.res["account"]) for arch in cluster.login}
     return f"{setup}set -euo pipefail\n{job_preamble(current_home(), login)}"

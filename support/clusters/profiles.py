@@ -96,6 +96,8 @@ class Cluster:
     runs: str
     login: dict[str, str]
     partitions: dict[str, Partition] = field(default_factory=dict)
+    # A node-local disk for each job, as the job's shell writes it ("$TMPDIR"); "" where the site has none.
+    local_scratch: str = ""
 
     def partition(self, name: str) -> Partition | None:
         """The named partition; None for a cluster without a partition table (generic) or an unnamed default."""
@@ -124,13 +126,14 @@ class Clusters:
 CLUSTER_KEYS: dict[str, type] = {
     "name": str, "docs": str, "read": str, "gpu_request": str, "memory": str, "mem": str, "cpus_per_task": int,
     "account": str, "default_partition": str, "setup": list, "envs": str, "data": str, "runs": str, "login": dict,
-    "nodes": dict, "partitions": dict}
+    "nodes": dict, "partitions": dict, "local_scratch": str}
 CHOICES = {"gpu_request": ("gres", "gpus-per-node"), "memory": ("per-job", "by-gpu"),
            "account": ("required", "optional"), "submit": ("sbatch", "ghbatch")}
 PARTITION_KEYS: dict[str, type] = {"arch": str, "nodes": list, "max_time": str, "default_time": str,
                                    "max_gpus_per_user": int, "submit": str, "source": str}
 NODE_KEYS: dict[str, type] = {"gpu": str, "gres_type": str, "gpus": int, "count": int}
-OPTIONAL = {"nodes", "partitions", "default_time", "max_gpus_per_user", "submit", "source", "count", "max_cuda"}
+OPTIONAL = {"nodes", "partitions", "local_scratch", "default_time", "max_gpus_per_user", "submit", "source", "count",
+            "max_cuda"}
 
 
 def _checked(table: Any, keys: dict[str, type], where: str) -> dict[str, Any]:
