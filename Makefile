@@ -195,8 +195,12 @@ train: env
 
 # The SLURM tests need a real Slurm: with_local_slurm.sh starts a one-node cluster on localhost when it can
 # (root, apt), runs the tests, stops it again and passes on pytest's exit code.
+# The fast tier by default: every test but those marked slow (8 s or more each: Slurm jobs, DDP, whole training
+# runs). CI=true (what .ci/run sets) or TIER=all runs every test.
+TIER ?= $(if $(filter true 1 yes,$(CI)),all,fast)
 test: env
-	WANDB_MODE=offline tests/slurm/with_local_slurm.sh $(PY) -m pytest $(PYTEST_ARGS)
+	WANDB_MODE=offline tests/slurm/with_local_slurm.sh $(PY) -m pytest $(if $(filter fast,$(TIER)),-m "not slow") \
+		$(PYTEST_ARGS)
 
 # Your model and data through the template's contracts (check.py), on the CPU, in about a minute.
 check: env

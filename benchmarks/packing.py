@@ -9,7 +9,7 @@ Each K trains the same --runs rows of the example (a grid over seed_everything) 
 the slot is one core (the launcher and every run are pinned to core 0 with one thread each), which measures what the
 machinery costs and what overlapping the runs' start-up and data loading gains; on a GPU the runs share GPU 0. The
 ratio is against K = 1 measured in the same call. Peak memory per run (GPU) is the most nvidia-smi reported for one
-run's process, sampled every 0.2 s.
+run's process, sampled every 0.2 s (where it lists no processes: the GPU's peak use above idle, divided by K).
 """
 
 from __future__ import annotations
@@ -30,13 +30,22 @@ REPO = Path(__file__).resolve().parent.parent
 QUICK = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--cka.every_n_epochs=0"]
 
 
+def gpu_memory_used() -> int:
+    """MiB in use on the GPU, all processes together (nvidia-smi)."""
+    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+                         capture_output=True, text=True).stdout
+    return int(out.split()[0]) if out.split() else 0
+
+
 def peak_memory_sampler(stop: threading.Event, peaks: dict[int, int]) -> None:
-    """Samples nvidia-smi's per-process GPU memory (MiB) until `stop`; keeps each pid's largest."""
+    """Samples nvidia-smi's per-process GPU memory (MiB) until `stop`; keeps each pid's largest, and under -1 the
+    largest total (where a container hides the processes, per-process figures are empty)."""
     while not stop.is_set():
         out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
                              capture_output=True, text=True).stdout
         for pid, used in re.findall(r"(\d+),\s*(\d+)", out):
             peaks[int(pid)] = max(peaks.get(int(pid), 0), int(used))
+        peaks[-1] = max(peaks.get(-1, 0), gpu_memory_used())
         stop.wait(0.2)
 
 
@@ -58,6 +67,7 @@ def measure(k: int, runs: int, epochs: int, accelerator: str, work: Path) -> dic
     else:
         command = ["taskset", "-c", "0", *command]  # one core: the "GPU" the k runs share
     peaks: dict[int, int] = {}
+    idle = gpu_memory_used() if accelerator == "gpu" else 0
     stop = threading.Event()
     sampler = threading.Thread(target=peak_memory_sampler, args=(stop, peaks), daemon=True)
     if accelerator == "gpu":
@@ -69,8 +79,9 @@ def measure(k: int, runs: int, epochs: int, accelerator: str, work: Path) -> dic
     if done.returncode != 0:
         raise SystemExit(f"K={k}: slurm_train.py --local failed (exit {done.returncode}): "
                          f"{(done.stderr or done.stdout).strip().splitlines()[-1:]}; logs in {work / f'k{k}'}")
-    return {"seconds": seconds, "runs_per_hour": runs / seconds * 3600,
-            "peak_mib": max(peaks.values()) if peaks else float("nan")}
+    per_run = [used for pid, used in peaks.items() if pid != -1]
+    peak = max(per_run) if per_run else (peaks.get(-1, idle) - idle) / k if peaks else float("nan")
+    return {"seconds": seconds, "runs_per_hour": runs / seconds * 3600, "peak_mib": peak}
 
 
 def table(results: dict[int, dict[str, float]], accelerator: str) -> str:

@@ -47,6 +47,7 @@ def table(out: str) -> dict[str, tuple[str, str]]:
             if (m := re.match(r"(\S+)\s+(passed|FAILED|skipped)\s+(.*)", row))}
 
 
+@pytest.mark.slow
 def test_the_configured_model_passes_every_contract():
     result = check(REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -57,6 +58,7 @@ def test_the_configured_model_passes_every_contract():
     assert re.search(r"make check: 8 of 8 contracts passed in \d+ s\n", result.stdout)
 
 
+@pytest.mark.slow
 def test_state_outside_the_state_dict_fails_the_resume_contract_naming_it(tmp_path: Path):
     copy = copy_with(tmp_path, "CountingClassifier", model_extra=COUNTING_MODEL)
     result = check(copy, "--only", "resume")
@@ -66,6 +68,7 @@ def test_state_outside_the_state_dict_fails_the_resume_contract_naming_it(tmp_pa
     assert "FAILED: resume" in result.stdout
 
 
+@pytest.mark.slow
 def test_a_monitor_the_model_never_logs_fails_the_metric_contract(tmp_path: Path):
     copy = copy_with(tmp_path, "ImageClassifier", monitor="val/f1")
     result = check(copy, "--only", "metric,fit+test")

@@ -299,6 +299,7 @@ def test_minibatch_states_stay_float64_under_module_casts() -> None:
     assert metric.compute().dtype == torch.float64
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one_process(tmp_path: Path) -> None:
     expected = cka.MinibatchCKA(2, 3)
     for xs, ys in make_batches():
@@ -393,6 +394,7 @@ def test_no_host_sync_in_update_and_linear_functions() -> None:
         cka.linear_cka(xs[0], ys[0]).item()  # the guard itself works
 
 
+@pytest.mark.slow
 def test_importing_cka_loads_no_lightning() -> None:
     """cka.py is the standalone numerics: its command line imports support/cka_monitor.py (and Lightning) lazily."""
     code = "import sys, cka; print(sorted(m for m in sys.modules if m.split('.')[0] in ('pytorch_lightning', " \

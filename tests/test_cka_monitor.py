@@ -334,6 +334,7 @@ def train_toy(run_dir: Path, seed: int, callback: CKAMonitor, model_class: type 
     return run_dir / "checkpoints" / "last.ckpt"
 
 
+@pytest.mark.slow
 def test_command_line_compares_two_trained_checkpoints(tmp_path: Path, capsys):
     a = train_toy(tmp_path / "a", 1, CKAMonitor())
     b = train_toy(tmp_path / "b", 2, CKAMonitor(every_n_epochs=0))  # recorded with CKA off too

@@ -310,6 +310,7 @@ max_time = "00:20:00"
 
 @pytest.mark.example_model
 @pytest.mark.example_data
+@pytest.mark.slow
 def test_a_cluster_added_as_one_entry_runs_a_grid_on_the_local_slurm(
         slurm: SlurmCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
         capsys: pytest.CaptureFixture):

@@ -87,6 +87,7 @@ def test_bad_arguments_are_named(kwargs: dict, message: str):
         data_module(**kwargs)
 
 
+@pytest.mark.slow
 def test_command_line_prepares_and_exits(tmp_path: Path):
     result = run_script("datamodule.py", "--data_dir", str(tmp_path / "d"), timeout=120)
     assert result.returncode == 0, result.stderr
@@ -148,6 +149,7 @@ def test_real_formats_round_trip(tmp_path: Path, like: str, make):
     assert_equal_tensors(data, expected)
 
 
+@pytest.mark.slow
 def test_command_line_failure_is_one_line(tmp_path: Path):
     # The real MNIST declaration, through the command line, from a mirror that is down: no internet needed.
     refused = refused_url().rstrip("/")
@@ -162,6 +164,7 @@ def test_command_line_failure_is_one_line(tmp_path: Path):
     assert not any((tmp_path / "mnist" / "raw").iterdir())
 
 
+@pytest.mark.slow
 def test_offline_prepare_and_train_with_no_server_at_all(monkeypatch, tmp_path: Path):
     files, expected = mnist_files(600, 100, seed=2)
     data_dir = tmp_path / "data"

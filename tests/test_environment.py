@@ -126,6 +126,7 @@ def imported_versions(venv: Path) -> str:
     return subprocess.run([venv / "bin" / "python", "-c", probe], capture_output=True, text=True, timeout=60).stdout
 
 
+@pytest.mark.slow
 def test_without_uv_pip_builds_the_environment_from_the_lock(tiny_lock: Path) -> None:
     venv = tiny_lock.parent / "venv"
     path_without_uv = os.pathsep.join(folder for folder in os.environ["PATH"].split(os.pathsep)
@@ -154,6 +155,7 @@ def test_with_uv_on_path_uv_builds_the_environment_from_the_lock(tiny_lock: Path
     assert imported_versions(venv) == "1.0 2.0\n"
 
 
+@pytest.mark.slow
 def test_torch_cuda_installs_the_locks_torch_in_that_build(tiny_lock: Path) -> None:
     """make env TORCH_CUDA=cu126 (V100s, older drivers): the lock's torch version in the cu126 build, from the PyTorch
     index (here a local wheel stands in for its file), the rest of the lock as it is, in an environment of its own."""

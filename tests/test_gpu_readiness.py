@@ -104,6 +104,7 @@ def weights(path: str | Path) -> dict[str, torch.Tensor]:
     return {**checkpoint["state_dict"], "global_step": torch.tensor(checkpoint["global_step"])}
 
 
+@pytest.mark.slow
 def test_each_ddp_rank_resumes_its_own_random_state():
     """Two ranks whose random streams differ (as each GPU's generator does): resumed mid-epoch, they end with the
     weights of the uninterrupted run; given rank 0's states on both ranks (what was saved before), they do not."""

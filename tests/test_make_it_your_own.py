@@ -93,6 +93,7 @@ def run_in(copy: Path, *args: str, timeout: float = 300) -> subprocess.Completed
                           env=script_env())
 
 
+@pytest.mark.slow
 def test_train_runs_and_tests_the_checkpoint_best_by_the_new_metric(own_copy: Path):
     result = run_in(own_copy, "train.py", *QUICK, "--data.dataset=blobs", "--trainer.max_epochs=2", "--run_dir=run")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -108,6 +109,7 @@ def test_train_runs_and_tests_the_checkpoint_best_by_the_new_metric(own_copy: Pa
     assert checkpoint["class_paths"]["model"] == "model.FlatMLP"
 
 
+@pytest.mark.slow
 def test_the_sweep_and_the_grid_follow_the_new_metric(own_copy: Path):
     result = run_in(own_copy, "sweep.py", "--dry-run")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -139,6 +141,7 @@ fit("resumed", "--ckpt_path=mid.ckpt")
 '''
 
 
+@pytest.mark.slow
 def test_a_run_interrupted_mid_epoch_resumes_to_the_same_weights(own_copy: Path):
     (own_copy / "resume_driver.py").write_text(RESUME_DRIVER)
     result = run_in(own_copy, "resume_driver.py", *QUICK, "--data.dataset=blobs", "--data.batch_size=16",
@@ -153,6 +156,7 @@ def test_a_run_interrupted_mid_epoch_resumes_to_the_same_weights(own_copy: Path)
         assert torch.equal(value, resumed["state_dict"][key]), key
 
 
+@pytest.mark.slow
 def test_the_test_suite_still_collects_and_its_machinery_tests_pass(own_copy: Path):
     collected = run_in(own_copy, "-m", "pytest", "--collect-only", "-q", timeout=600)
     assert collected.returncode == 0, collected.stdout[-3000:] + collected.stderr[-2000:]

@@ -23,7 +23,7 @@ from slurm_fixtures import SlurmCluster, slurm, slurm_cluster  # noqa: F401  (fi
 import slurm_train
 from support.search_launch import new_search
 
-pytestmark = [pytest.mark.example_model, pytest.mark.example_data]
+pytestmark = [pytest.mark.example_model, pytest.mark.example_data, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parent.parent
 PARAMS = {"model.hidden_dim": {"values": [16, 32]}, "optimizer.lr": {"values": [0.001, 0.01]}}

@@ -49,6 +49,7 @@ def test_without_the_resumable_sampler_the_same_resume_differs():
     assert any(not torch.equal(wa[key], wb[key]) for key in wa)
 
 
+@pytest.mark.slow
 def test_under_two_process_ddp_a_resumed_run_ends_like_an_uninterrupted_one():
     # Each rank takes 84 of the 168 samples: 6 batches an epoch, so step 15 is batch 3 of epoch 2.
     full = run_script("tests/toy_train.py", "full", "--devices=2", "--save_at_step=15", timeout=240)
@@ -116,6 +117,7 @@ def test_the_support_package_names_nothing_of_the_example():
 
 
 @pytest.mark.parametrize("devices", [1, 2])
+@pytest.mark.slow
 def test_sigterm_saves_a_resumable_checkpoint_and_exits_143(devices: int):
     """kill PID (or scancel) mid-epoch: the run stops at a batch boundary with status 143, never 0, leaving a last.ckpt
     from which the run resumes to exactly the weights of an uninterrupted run. Under DDP only rank 0 gets the signal
@@ -139,6 +141,7 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits_143(devices: int):
     assert_same_weights("full/last.ckpt", "stopped/last.ckpt")
 
 
+@pytest.mark.slow
 def test_under_ddp_every_rank_exits_within_seconds_of_sigterm_every_time():
     """Five more stops of a 2-process DDP run (the test above is the first): each time both ranks exit, with
     status 143 and a checkpoint, within 30 s of the signal, and no process of the run is left behind."""

@@ -55,6 +55,7 @@ class StopAfterEpochs(Callback):
 
 @pytest.mark.example_model
 @pytest.mark.example_data
+@pytest.mark.slow
 def test_a_resume_with_no_arguments_continues_with_the_runs_own_settings_exactly(capsys):
     """Before: `--run_dir X --ckpt_path last` ignored X/config.yaml, so every non-default argument had to be typed
     again and a forgotten one failed with a state_dict size error."""
@@ -121,6 +122,7 @@ def test_a_saved_config_reruns_as_a_new_run():
     assert Path(results["run_dir"]).parent == Path.cwd() / "runs"
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_directory_in_use_stops_and_a_killed_one_leaves_no_lock():
     """Before: two runs on one --run_dir both 'succeeded', mixing config.yaml, checkpoints and wandb runs."""
     first = subprocess.Popen([sys.executable, str(REPO / "train.py"), *BASE, "--trainer.max_epochs=1000",
@@ -166,6 +168,7 @@ def test_the_trainer_writes_checkpoints_through_the_atomic_writer():
 
 @pytest.mark.example_model
 @pytest.mark.example_data
+@pytest.mark.slow
 def test_evaluate_gives_the_end_of_training_metrics_and_writes_nothing():
     trained = train.main(BASE + ["--trainer.max_epochs=2", "--run_dir=run"])
     before = files_of(Path("run"))

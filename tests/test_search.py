@@ -62,6 +62,7 @@ def best_found(tmp_path: Path, method: str, seed: int, count: int) -> float:
     return min(r["best"] for r in found)
 
 
+@pytest.mark.slow
 def test_bayes_through_the_workers_beats_random_search(tmp_path: Path) -> None:
     """With the same budget of 16 runs, bayes finds a better best value than random search in at least 8 of 10 seeds
     (measured: 10 of 10). Both are driven by the records, so it fails if the results do not reach the engine."""
@@ -86,6 +87,7 @@ def test_hyperband_stops_runs_that_trail(tmp_path: Path) -> None:
     assert found[0.003]["state"] == "finished" and len(found[0.003]["history"]) == 6
 
 
+@pytest.mark.slow
 def test_four_workers_make_exactly_the_count(tmp_path: Path) -> None:
     """4 workers, count 12: 12 runs numbered 1..12, each run once, every record readable, no wandb id used twice."""
     search_dir = make_search(tmp_path / "search", {"method": "random", "parameters": SPACE}, 12,
@@ -116,6 +118,7 @@ print(json.dumps(got))
 """
 
 
+@pytest.mark.slow
 def test_eight_processes_proposing_at_once_lose_and_repeat_nothing(tmp_path: Path) -> None:
     """8 processes x 50 proposals against one directory: 400 records, numbers 1..400, each handed out once."""
     search_dir = make_search(tmp_path / "search", {"method": "random", "parameters": SPACE}, 400, [])
@@ -140,6 +143,7 @@ def wait_for(condition: Any, timeout: float, what: str) -> Any:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_run_leaves_a_crashed_run_and_the_search_reaches_its_count(tmp_path: Path) -> None:
     """SIGKILL to a worker (no word from it): its run stays "running" until another worker sees the owner is gone,
     then counts as crashed; the other worker carries the search to its count. The run's own process dies with its

@@ -24,6 +24,7 @@ EPOCHS = ["--trainer.max_epochs=3", "--trainer.enable_model_summary=false", "--t
           "--data.batch_size=256", "--cka.every_n_epochs=0"]
 
 
+@pytest.mark.slow
 def test_a_bayes_search_with_hyperband_trains_offline_and_reports(tmp_path: Path) -> None:
     (tmp_path / "search.json").write_text(json.dumps(SEARCH))
     home = tmp_path / "home"  # no ~/.netrc: no wandb credentials
@@ -58,6 +59,7 @@ def test_a_bayes_search_with_hyperband_trains_offline_and_reports(tmp_path: Path
     assert (search_dir / "status.png").read_bytes().startswith(b"\x89PNG")
 
 
+@pytest.mark.slow
 def test_search_dry_run_writes_nothing_and_bad_options_are_one_line(tmp_path: Path) -> None:
     dry = run_script("slurm_train.py", "--search", "--count", "4", "--max-concurrent", "3", "--dry-run",
                      "--gpus-per-node", "0", "--", "--trainer.max_epochs=2")

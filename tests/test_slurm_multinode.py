@@ -83,6 +83,7 @@ def two_node_runs(slurm_cluster: SlurmCluster, tmp_path_factory: pytest.TempPath
     return dirs
 
 
+@pytest.mark.slow
 def test_two_nodes_end_with_exactly_the_weights_of_one_node(two_node_runs: dict[str, Path]):
     two, one = last(two_node_runs["two_nodes"]), last(two_node_runs["one_node"])
     assert two["global_step"] == one["global_step"] == 2 * STEPS_PER_EPOCH - 3  # last validation: 3 steps early
@@ -107,6 +108,7 @@ def test_a_requeued_two_node_job_resumes_on_both_nodes_exactly(two_node_runs: di
     assert len(segments) == 2 and len({Path(p).name.rsplit("-", 1)[-1] for p in segments}) == 1, segments
 
 
+@pytest.mark.slow
 def test_evaluation_on_four_ranks_over_two_nodes_equals_one_process(two_node_runs: dict[str, Path],
                                                                     slurm_cluster: SlurmCluster, tmp_path: Path):
     """The 270 test samples split 68/68/67/67 over 4 ranks: Lightning's sampler would pad them to 272 (2 counted
@@ -128,6 +130,7 @@ def test_evaluation_on_four_ranks_over_two_nodes_equals_one_process(two_node_run
     assert ddp["test/loss"] == pytest.approx(single["test/loss"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_a_two_node_job_running_a_one_node_trainer_stops_on_every_task(slurm: SlurmCluster, tmp_path: Path):
     command = " ".join([str(REPO / "train.py"), *QUICK, "--trainer.max_epochs=1", "--trainer.accelerator=cpu",
                         "--trainer.num_nodes=1", f"--run_dir={tmp_path / 'run'}"])
@@ -143,6 +146,7 @@ def test_a_two_node_job_running_a_one_node_trainer_stops_on_every_task(slurm: Sl
     assert slurm.job_field(job_id, "ExitCode") != "0:0" and "Traceback" not in log
 
 
+@pytest.mark.slow
 def test_a_grid_of_two_node_rows_runs_to_completion(slurm: SlurmCluster, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
     monkeypatch.setenv("SLURM_CONF", slurm.conf)

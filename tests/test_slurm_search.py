@@ -50,6 +50,7 @@ def wait_for(condition: Any, what: str, search_dir: Path, timeout: float) -> Any
     return result
 
 
+@pytest.mark.slow
 def test_a_requeued_worker_resumes_its_own_run_and_the_search_ends_with_its_count(
         slurm: SlurmCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
         capsys: pytest.CaptureFixture):

@@ -72,6 +72,7 @@ def done_markers(grid: Path, n: int) -> list[dict[str, Any]]:
     return [json.loads((grid / f"row-{i}" / "done").read_text()) for i in range(n)]
 
 
+@pytest.mark.slow
 def test_grid_runs_as_one_throttled_array_and_resume_reruns_only_unfinished_rows(
         slurm: SlurmCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
         capsys: pytest.CaptureFixture):
@@ -169,6 +170,7 @@ def test_dry_run_prints_the_script_and_runs_and_submits_nothing(tmp_path: Path, 
     assert not fake_sbatch.exists() and not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_local_runs_rows_concurrently_and_fails_when_a_row_fails(tmp_path: Path, capsys: pytest.CaptureFixture):
     # Every row passes the checks, but row 1's data directory lies under a file: it crashes when it prepares its data.
     (tmp_path / "blocker").write_text("a file, not a directory")

@@ -32,6 +32,7 @@ def weights(run_dir: Path) -> dict:
     return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
 
 
+@pytest.mark.slow
 def test_a_requeued_task_resumes_exactly_and_continues_its_wandb_run(slurm, tmp_path: Path):
     run_dir = tmp_path / "preempted"
     script = job_script(tmp_path / "job.sh", "#SBATCH --job-name=preempt\n#SBATCH --ntasks=1\n#SBATCH --requeue",
@@ -63,6 +64,7 @@ def test_a_requeued_task_resumes_exactly_and_continues_its_wandb_run(slurm, tmp_
     assert len(segments) == 2 and len({Path(p).name.rsplit("-", 1)[-1] for p in segments}) == 1, segments
 
 
+@pytest.mark.slow
 def test_a_requeued_ddp_job_resumes_exactly(slurm, tmp_path: Path):
     """Two srun tasks (DDP on CPU) interrupted mid-epoch end with the weights of an uninterrupted DDP run: all
     ranks act on the signal at the same batch, and each rank's sampler skips what it had trained."""
@@ -93,6 +95,7 @@ def test_a_requeued_ddp_job_resumes_exactly(slurm, tmp_path: Path):
         assert torch.equal(value, resumed["state_dict"][key]), key
 
 
+@pytest.mark.slow
 def test_tasks_that_do_not_match_the_trainers_devices_fail_before_training(slurm, tmp_path: Path):
     script = job_script(tmp_path / "bad.sh", "#SBATCH --job-name=mismatch\n#SBATCH --ntasks-per-node=2",
                         " ".join(QUICK + ["--trainer.max_epochs=1", "--trainer.accelerator=cpu",

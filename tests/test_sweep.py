@@ -152,6 +152,7 @@ def test_agent_argv_is_accepted_and_every_setting_arrives():
 
 @pytest.mark.example_model
 @pytest.mark.example_data
+@pytest.mark.slow
 def test_a_run_started_like_the_agent_trains_with_its_settings(tmp_path: Path):
     run = {**sweep.random_configs(1, seed=5)[0], "trainer.max_epochs": 1}
     # The agent runs ["/usr/bin/env", "python", "train.py", *${args}] in the repository ("python" from PATH).
@@ -331,6 +332,7 @@ def interruptible() -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
+@pytest.mark.slow
 def test_run_sweep_starts_one_agent_per_gpu_and_stops_them_on_ctrl_c(tmp_path: Path, fake_server: str):
     repo, env, log = make_checkout(tmp_path, fake_server)
     env.update(FAKE_WAIT_FOR_SIGINT="1", CUDA_VISIBLE_DEVICES="0,1")
@@ -378,6 +380,7 @@ def test_sbatch_agent_refuses_to_start_without_the_server(mode: str, tmp_path: P
     assert "sweep.py --list" in result.stderr and not records(log, "agent-*.json")  # no agent started
 
 
+@pytest.mark.slow
 def test_sbatch_agent_runs_a_throttled_array_of_agents(slurm: SlurmCluster, tmp_path: Path,  # noqa: F811
                                                        fake_server: str):
     gres = slurm.run("sinfo", "-h", "-o", "%G").stdout

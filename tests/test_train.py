@@ -31,6 +31,7 @@ def wandb_file(run_dir: str | Path) -> str:
 
 @pytest.mark.example_model
 @pytest.mark.example_data
+@pytest.mark.slow
 def test_short_run_learns_and_logs_to_offline_wandb():
     results = train.main(QUICK + ["--trainer.max_epochs=3"])
     assert results["test/acc"] > 0.8  # chance is 0.1
@@ -54,6 +55,7 @@ def test_concurrent_runs_get_their_own_directories():
     assert a.run_dir != b.run_dir and a.run_dir.parent == b.run_dir.parent
 
 
+@pytest.mark.slow
 def test_no_credentials_in_a_terminal_trains_offline_without_prompting(tmp_path: Path):
     """wandb's login prompt waits forever on a terminal; the template must pick offline mode instead."""
     env = script_env(HOME=str(tmp_path), NETRC=str(tmp_path / "no-netrc"))
@@ -118,6 +120,7 @@ def test_dotted_overrides_and_config_file_take_effect(tmp_path: Path):
     (["--wandb.mode=online"], "wandb login"),  # no credentials: wandb would prompt forever
     (["--data.dataset=mnist", "--data.mirror=http://127.0.0.1:9/"], "could not download"),  # nothing listens
 ])
+@pytest.mark.slow
 def test_bad_input_exits_nonzero_with_one_line_and_writes_nothing(args: list[str], names: str, tmp_path: Path):
     result = run_script("train.py", *args, timeout=120, NETRC=str(tmp_path / "none"))
     assert result.returncode != 0
@@ -145,6 +148,7 @@ def test_resumed_run_ends_like_an_uninterrupted_one():
     assert len({Path(p).name for p in glob.glob("stopped/wandb/offline-run-*/run-*.wandb")}) == 1
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_complete_a_fit():
     result = run_script("train.py", "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu",
                         "--trainer.max_epochs=2", "--trainer.enable_model_summary=false", timeout=300)
@@ -254,6 +258,7 @@ def test_last_checkpoint_is_the_latest_epoch_when_the_monitored_metric_stops_imp
 
 @pytest.mark.example_model
 @pytest.mark.example_data
+@pytest.mark.slow
 def test_sigterm_stops_the_run_with_status_143_and_a_checkpoint_to_resume_from():
     """Lightning alone ends a run stopped by SIGTERM with status 0, so a grid row was marked done at epoch 5 of 40."""
     proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *QUICK, "--trainer.max_epochs=500",

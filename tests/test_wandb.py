@@ -161,6 +161,7 @@ def test_a_server_that_answers_any_status_is_reachable_and_one_that_does_not_is_
 
 
 @pytest.mark.parametrize("server", ["unreachable", "refusing"])
+@pytest.mark.slow
 def test_a_logged_in_run_without_a_server_trains_to_the_end_offline(server: str, no_credentials: Path,
                                                                     refusing_server: str):
     """The common case on compute nodes: a key, and no route to the server (or one that fails). One warning, offline
