@@ -138,7 +138,8 @@ def test_the_dry_run_says_how_many_runs_share_a_gpu_and_how_many_tasks(
     (tmp_path / "clusters.toml").write_text(Path(slurm_train.REPO_DIR / "clusters.toml").read_text().replace(
         'local_scratch = ""  # no node-local disk known', 'local_scratch = "$TMPDIR"  # as HEC', 1))
     sweep = tmp_path / "sweep.json"
-    sweep.write_text(json.dumps({"program": "train.py", "method": "grid", "metric": {"name": "val/loss", "goal": "minimize"},
+    sweep.write_text(json.dumps({"program": "train.py", "method": "grid",
+                                 "metric": {"name": "val/loss", "goal": "minimize"},
                                  "parameters": {"optimizer.lr": {"values": [0.1, 0.01, 0.001, 1e-4, 1e-5]}}}))
     assert slurm_train.main(["--sweep-config", str(sweep), "--runs-per-gpu", "2", "--dry-run", "--runs-dir",
                              str(tmp_path / "runs"), "--gpus-per-node", "0"]) == 0
