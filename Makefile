@@ -256,6 +256,7 @@ bench: env
 	$(PY) benchmarks/data.py
 	$(PY) benchmarks/cka_validation.py
 	$(PY) benchmarks/launch.py
+	$(PY) benchmarks/packing.py
 
 clean-env:
 	rm -rf $(VENV) $(VENV).lock

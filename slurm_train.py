@@ -7,6 +7,7 @@
     python slurm_train.py --cluster bede --account myproject # a cluster of clusters.toml: hec, bede, generic
     python slurm_train.py --clusters                         # their partitions, limits and GPUs
     python slurm_train.py --agents ENTITY/PROJECT/SWEEP_ID --count 20   # wandb sweep agents (sbatch_agent.sh)
+    python slurm_train.py --runs-per-gpu 4                   # 4 rows at once in each array task, on one GPU
     python slurm_train.py --resume runs/grid-20260101-120000-abc123   # resubmit only the rows not finished
     python slurm_train.py --local                            # no Slurm: the same rows as processes on this machine
     python slurm_train.py --search --count 40 --max-concurrent 8   # the sweep's own method (bayes, hyperband) by 8
@@ -22,7 +23,9 @@ Every row is checked as train.py would check it (constructors included), and the
 (clusters.toml: time, GPUs, account, GPU type, the torch of the environment for the partition's architecture),
 before anything is written or submitted.
 A search (--search) writes search.json, job.sbatch (K workers, support/search_worker.py), worker-<i>.out, and per run
-run-NNNN.json (its record), run-NNNN.out and run-NNNN/; see README.md, "Offline search".
+run-NNNN.json (its record), run-NNNN.out and run-NNNN/; see README.md, "Offline search". With --runs-per-gpu K each
+array task runs K rows (or workers) at once and logs to task-<t>.out (support/packing.py; README.md, "Several small
+runs on one GPU").
 """
 
 from __future__ import annotations

@@ -259,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped ({len(skipped)} of {len(results)}): {', '.join(skipped)}")
     print({0: "every check that ran passed", 1: "FAILED: see the table",
            NO_GPU: f"no GPU here: nothing was checked (exit status {NO_GPU})"}[status])
-    if args.accelerator == "gpu" and status != NO_GPU and not args.no_packing:
+    if args.accelerator == "gpu" and status == 0 and not args.no_packing:  # GPUs that train: how many runs fit
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
         import packing  # benchmarks/packing.py, beside this script
 
         print(f"packing (benchmarks/packing.py): 4 runs of the example, 3 epochs each, per K, on GPU 0\n"

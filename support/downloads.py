@@ -6,8 +6,9 @@ marker DATA_DIR/<name>/COMPLETE is written last and holds a fingerprint of the d
 build function's source): a declaration edited since then is rebuilt, not served stale. Many processes (DDP
 ranks, array tasks, separate jobs) may call it at once: one does the work under a file lock, the others wait and
 then reuse it. A call that finds the marker
-loads nothing and touches no network. Every failure is one DownloadError line that names the file, the URLs
-tried and what to do.
+loads nothing and touches no network. In a job whose cluster has node-local scratch, the path returned is a verified
+copy there (support/local_data.py). Every failure is one DownloadError line that names the file, the URLs tried
+and what to do.
 """
 
 from __future__ import annotations

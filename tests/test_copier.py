@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import tomllib
 import yaml
 from conftest import QUICK, REPO, copy_of_repo, script_env
@@ -91,6 +92,7 @@ def test_copier_questions_offer_every_cluster_of_clusters_toml():
     assert questions["default_cluster"]["default"] == clusters["default_cluster"]
 
 
+@pytest.mark.slow
 def test_a_project_made_from_the_template_trains_keeps_its_code_through_updates_and_shows_conflicts(tmp_path: Path):
     # 1. Template v1.0.0 -> a project, committed; it trains, its tests collect.
     template = make_template(tmp_path)
@@ -227,6 +229,7 @@ sys.exit(sweep.main(["--dry-run"]))
 """
 
 
+@pytest.mark.slow
 def test_a_project_without_the_example_trains_from_its_skeleton_and_then_with_its_own_code(tmp_path: Path):
     template = make_template(tmp_path)
     project = tmp_path / "skeleton-project"

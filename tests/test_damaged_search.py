@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from conftest import run_script
 from test_search import SPACE, make_search, records
 
@@ -18,6 +19,7 @@ from support.search_launch import render_search_script
 DAMAGE = {3: "[]", 4: {"best": "abc"}, 5: {"history": None}, 6: '{"number": 6, "na'}
 
 
+@pytest.mark.slow
 def test_damaged_records_are_skipped_by_status_and_quarantined_by_a_resume(tmp_path: Path) -> None:
     search_dir = make_search(tmp_path / "search", {"method": "random", "parameters": SPACE}, 8, ["--epochs=2"])
     generic = plan_job(load_clusters().get("generic"), {}, check_environment=False)

@@ -14,6 +14,7 @@ from test_make_it_your_own import OWN_DATASET, edit
 pytestmark = pytest.mark.example_data  # the example DataModule's DATASETS and DEFAULT_DATASET
 
 
+@pytest.mark.slow
 def test_a_new_default_dataset_is_what_sweeps_and_grids_train_on(tmp_path: Path) -> None:
     copy = copy_of_repo(tmp_path / "my-project", suffix=".py")
     # Add a dataset the README's way and make it the default, in the lines the README names.

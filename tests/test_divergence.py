@@ -28,11 +28,13 @@ def assert_stopped_at_nan(result, run_dir: Path) -> None:
 
 @pytest.mark.parametrize("ddp", [[], ["--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu"]],
                          ids=["one-process", "ddp-2-cpu"])
+@pytest.mark.slow
 def test_a_diverged_run_stops_with_one_line_and_no_nan_checkpoint(ddp: list[str], tmp_path: Path):
     result = run_script("train.py", *DIVERGES, *ddp, "--run_dir=run", timeout=240)
     assert_stopped_at_nan(result, tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_a_search_records_the_diverged_run_as_failed(tmp_path: Path):
     search = {"name": "nan-search", "program": "train.py", "method": "grid",
               "metric": {"name": "val/loss", "goal": "minimize"},

@@ -61,6 +61,7 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize("args, env, words", [case[1:] for case in CASES], ids=[case[0] for case in CASES])
+@pytest.mark.slow
 def test_hostile_input_is_one_line_and_leaves_nothing(args: list[str], env: dict[str, str], words: str,
                                                       trained_run: Path, tmp_path: Path):
     (tmp_path / "afile").write_text("a file, not a directory")
@@ -78,6 +79,7 @@ def test_hostile_input_is_one_line_and_leaves_nothing(args: list[str], env: dict
     assert not list(trained_run.glob("config.resume-*")) and not list(trained_run.glob("*.json"))
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_a_save_is_one_line_and_the_checkpoints_saved_before_load(tmpfs, tmp_path: Path):
     disk = tmpfs("disk", "900k")  # room for two checkpoints of the example (375 kB each), not a third
     result = run_script("train.py", "--trainer.max_epochs=5", "--cka.every_n_epochs=0", *QUICK,
@@ -90,6 +92,7 @@ def test_a_full_disk_during_a_save_is_one_line_and_the_checkpoints_saved_before_
     assert not [path for path in (disk / "run").rglob("*.tmp")]  # no temporary file left half-written
 
 
+@pytest.mark.slow
 def test_a_stale_wandb_run_id_is_warned_about(tmp_path: Path):
     result = run_script("train.py", *ONE_EPOCH, "--run_dir=run", WANDB_RUN_ID="stale123")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -97,6 +100,7 @@ def test_a_stale_wandb_run_id_is_warned_about(tmp_path: Path):
     assert len(warnings) == 1 and warnings[0].startswith("warning: ") and "unset WANDB_RUN_ID" in warnings[0]
 
 
+@pytest.mark.slow
 def test_runs_dir_with_a_space_is_accepted_for_local_runs(tmp_path: Path):
     (tmp_path / "grid.json").write_text(json.dumps({
         "name": "s", "program": "train.py", "method": "grid", "metric": {"name": "val/loss", "goal": "minimize"},

@@ -39,6 +39,7 @@ DDP = ["--trainer.devices=2", "--trainer.accelerator=cpu", "--trainer.strategy=d
        "--early_stopping.patience=100", *QUICK]
 
 
+@pytest.mark.slow
 def test_a_lazy_model_trains_on_two_ddp_processes_and_resumes_exactly(tmp_path: Path) -> None:
     (tmp_path / "lazy_train.py").write_text(DRIVER)
 

@@ -64,6 +64,7 @@ def start_grid(tmp_path: Path, at_start: bool = False) -> tuple[subprocess.Popen
 
 @pytest.mark.parametrize("signum, at_start", [(signal.SIGTERM, False), (signal.SIGKILL, False),
                                              (signal.SIGTERM, True)], ids=["TERM", "KILL", "TERM-at-start"])
+@pytest.mark.slow
 def test_a_killed_launcher_leaves_no_row_training(signum: int, at_start: bool, tmp_path: Path):
     proc, grid = start_grid(tmp_path, at_start)
     assert at_start or any("train.py" in p for p in processes_of(grid))

@@ -20,6 +20,7 @@ def snapshot(folder: Path) -> dict[str, int]:
     return {str(path.relative_to(folder)): path.stat().st_mtime_ns for path in folder.rglob("*")}
 
 
+@pytest.mark.slow
 def test_a_second_run_cannot_take_a_used_run_directory_and_evaluate_reads_a_read_only_run(tmp_path: Path, tmpfs):
     stale = {"SLURM_JOB_ID": "12345"}  # left in the environment by an earlier interactive job
     first = run_script("train.py", *ONE_EPOCH, **stale)

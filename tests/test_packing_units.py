@@ -152,3 +152,14 @@ def test_the_dry_run_says_how_many_runs_share_a_gpu_and_how_many_tasks(
                              "--runs-dir", str(tmp_path / "runs"), "--gpus-per-node", "0"]) == 0
     assert "MLMODELDEV_LOCAL_DATA" not in capsys.readouterr().out
     assert os.environ.get(packing.RUNS_PER_GPU_ENV) is None
+
+
+def test_a_requeued_packed_task_gives_each_worker_back_its_own_run():
+    """Workers 3, 4 and 5 share array task 7_1 (--runs-per-gpu 3): after a requeue each takes up its own run."""
+    from support.search_records import is_own
+
+    records = [{"owner": {"host": "n1", "pid": 10 + w, "worker": w, "slurm_task": "7_1"}} for w in (3, 4, 5)]
+    for worker in (3, 4, 5):
+        owner = {"host": "n2", "pid": 99, "worker": worker, "slurm_task": "7_1"}  # back on another node
+        assert [is_own(record, owner) for record in records] == [w == worker for w in (3, 4, 5)]
+    assert not is_own(records[0], {"host": "n1", "pid": 1, "worker": 3, "slurm_task": "8_1"})

@@ -21,7 +21,7 @@ import evaluate
 import slurm_train
 
 # These tests run the example model and data (their keys, their speed): skipped once you replace them.
-pytestmark = [pytest.mark.example_model, pytest.mark.example_data]
+pytestmark = [pytest.mark.example_model, pytest.mark.example_data, pytest.mark.slow]
 
 # 4-sample batches over 4 ranks: 79 steps per epoch, validated every quarter; a signal sent when last.ckpt first
 # appears (step 19) lands mid-epoch with ~60 batches to spare.

@@ -103,6 +103,7 @@ BROKEN = {
 @pytest.mark.example_model
 @pytest.mark.example_data
 @pytest.mark.parametrize("config, key", BROKEN.values(), ids=BROKEN.keys())
+@pytest.mark.slow
 def test_broken_config_is_rejected_before_anything_is_created(config: dict, key: str, capsys: pytest.CaptureFixture,
                                                               monkeypatch: pytest.MonkeyPatch):
     import wandb
@@ -133,6 +134,7 @@ TYPED = variant({"trainer.enable_progress_bar": {"values": [True, False]}, "wand
 @pytest.mark.example_model
 @pytest.mark.example_data
 @pytest.mark.filterwarnings("ignore:.*args parameter is intended")  # pytest's own sys.argv, not a mistake
+@pytest.mark.slow
 def test_agent_argv_is_accepted_and_every_setting_arrives():
     sweep.validate(TYPED)
     runs = sweep.grid_configs()[::10] + sweep.random_configs(5, seed=3) + sweep.random_configs(6, 1, TYPED)

@@ -73,6 +73,7 @@ def test_dry_run_and_list_work_for_every_method_and_the_engine_always_sees_the_m
 @pytest.mark.example_data
 @pytest.mark.parametrize("named", [True, False], ids=["metric-named", "metric-from-MONITOR"])
 @pytest.mark.parametrize("method", METHODS)
+@pytest.mark.slow
 def test_a_two_run_offline_search_trains_for_every_method(method: str, named: bool, tmp_path: Path) -> None:
     """slurm_train.py --search --count 2 --local, as a researcher runs it (bayes without a metric used to die in
     the engine with 'Bayesian search requires "metric" section')."""
@@ -133,6 +134,7 @@ def test_an_optimizer_sweep_is_written_as_train_py_takes_it_and_a_class_argument
 
 @pytest.mark.example_model
 @pytest.mark.example_data
+@pytest.mark.slow
 def test_an_optimizer_sweep_runs_offline_each_run_with_its_own_optimizers_defaults(tmp_path: Path) -> None:
     config = {"program": "train.py", "method": "grid", "metric": {"name": train.MONITOR, "goal": "minimize"},
               "parameters": {"optimizer": ADAM_OR_SGD}}
