@@ -263,3 +263,18 @@ def test_each_node_copies_the_dataset_once_and_training_reads_that_copy(
     copy = Path(replaced[0])
     assert json.loads((copy.parent / "COPIED").read_text())["sha256"] == hashlib.sha256(copy.read_bytes()).hexdigest()
     assert_same_runs(again, reference_grid)
+
+
+def test_local_rows_packed_two_per_slot_train_at_once_in_one_task(tmp_path: Path, capsys: pytest.CaptureFixture):
+    """--local: the same task script, without Slurm: one slot (--max-concurrent 1) runs its two rows at once."""
+    two_rows = {"model.hidden_dim": {"values": [16, 32]}}
+    assert slurm_train.main(["--local", "--sweep-config", sweep_file(tmp_path / "sweep.json", two_rows), "--runs-dir",
+                             str(tmp_path), "--runs-per-gpu", "2", "--max-concurrent", "1", "--gpus-per-node", "0",
+                             *TRAIN]) == 0
+    out = capsys.readouterr().out
+    assert "running 1 task(s), at most 1 at a time, 2 runs at once in each task (--runs-per-gpu)" in out
+    grid = Path(re.search(r"run directory: (\S+)", out).group(1))
+    done = [json.loads((grid / f"row-{i}" / "done").read_text()) for i in (0, 1)]
+    assert [d["job"] for d in done] == ["local_0", "local_0"], logs(grid)
+    assert max(d["start"] for d in done) < min(d["end"] for d in done), done
+    assert "final metrics" in (grid / "row-0.out").read_text() and (grid / "task-0.out").exists()

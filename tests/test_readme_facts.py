@@ -4,7 +4,11 @@ here from the files themselves: a change that moves them fails this test, whose 
 from __future__ import annotations
 
 import ast
+import re
+import subprocess
+import sys
 
+import pytest
 from conftest import REPO
 
 
@@ -46,3 +50,18 @@ def test_the_readme_states_the_line_ranges_and_counts_the_code_has() -> None:
     readme = " ".join((REPO / "README.md").read_text().split())  # a sentence may wrap anywhere
     stale = [fact for fact in readme_facts() if " ".join(fact.split()) not in readme]
     assert not stale, "README.md is out of date; it should say:\n" + "\n".join(stale)
+
+
+@pytest.mark.slow
+def test_the_readme_states_how_many_tests_each_tier_has() -> None:
+    """`make test`'s fast tier and the whole suite (CI), as pytest collects them now (~15 s: collection imports
+    every test module, so it runs with the slow tests)."""
+    def collected(*marks: str) -> int:
+        out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", *marks], cwd=REPO,
+                             capture_output=True, text=True, timeout=300).stdout
+        return int(re.search(r"^(\d+)(?:/\d+)? tests? collected", out, re.MULTILINE).group(1))
+
+    everything, fast = collected(), collected("-m", "not slow")
+    readme = " ".join((REPO / "README.md").read_text().split())
+    fact = f"the fast tier: {fast} of the {everything} tests"
+    assert fact in readme, f"README.md is out of date; it should say: {fact}"
