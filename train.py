@@ -204,8 +204,6 @@ def fit_and_test(cli: TrainCLI) -> dict[str, Any]:
 
 
 def main(args: list[str] | dict[str, Any] | None = None) -> dict[str, Any]:
-    import wandb
-
     set_here = RUN_DIR_ENV not in os.environ
     try:
         cli = build_cli_or_exit(args)
@@ -219,8 +217,7 @@ def main(args: list[str] | dict[str, Any] | None = None) -> dict[str, Any]:
                     with training.stopped_by_signal():  # SIGTERM: last.ckpt saved, exit status 143
                         results = fit_and_test(cli)
                 except BaseException:
-                    if wandb.run is not None:
-                        wandb.finish(exit_code=1)  # marks the run as failed, and closes its files first
+                    training.finish_wandb(exit_code=1)  # marks the run as failed, and closes its files first
                     raise
         except (DownloadError, SettingError) as err:  # raised inside fit: data that cannot be had, a bad setting
             # Said once: under DDP every rank raises it.
@@ -233,12 +230,10 @@ def main(args: list[str] | dict[str, Any] | None = None) -> dict[str, Any]:
             raise SystemExit(f"error: no space left on the disk of {cli.run_dir} ({err.strerror}): the checkpoints "
                              f"saved before are whole; free space, then resume with --run_dir {cli.run_dir} "
                              "--ckpt_path last") from None
-        if wandb.run is not None:
-            wandb.finish()  # so the next main() in this process starts its own wandb run
+        training.finish_wandb()  # so the next main() in this process starts its own wandb run
         return results
     except BaseException:
-        if wandb.run is not None:
-            wandb.finish(exit_code=1)  # marks the run as failed rather than leaving it open
+        training.finish_wandb(exit_code=1)  # marks the run as failed rather than leaving it open
         raise
     finally:
         if set_here:

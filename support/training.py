@@ -109,6 +109,23 @@ def wandb_logger(options: WandbOptions, run_dir: Path) -> FallbackWandbLogger:
         settings=init_settings(options.init_timeout))
 
 
+def finish_wandb(exit_code: int | None = None) -> None:
+    """Closes this process's wandb run, if any. When wandb's service has already gone (Slurm's scancel or requeue
+    signals every process of the job step at once: wandb-core may end before train.py has saved), one line says so
+    instead of a traceback that would hide how the run ended; what was logged is in the run's wandb/ directory."""
+    import wandb
+
+    if wandb.run is None:
+        return
+    directory = wandb.run.dir
+    try:
+        wandb.finish(exit_code=exit_code)
+    except Exception as err:  # ConnectionResetError, BrokenPipeError: the service process is gone
+        warn(f"wandb could not close the run ({type(err).__name__}: {plain_reason(err)}); what it logged is in "
+             f"{Path(directory).parent}")
+        wandb.run = None  # the next main() in this process starts its own run
+
+
 def init_settings(init_timeout: float) -> Any:
     import wandb
 

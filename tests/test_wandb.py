@@ -180,3 +180,27 @@ def test_a_logged_in_run_without_a_server_trains_to_the_end_offline(server: str,
     assert "Traceback" not in result.stderr
     assert len(glob.glob("run/wandb/offline-run-*/run-*.wandb")) == 1
     assert KEY not in result.stdout + result.stderr
+
+
+def test_a_wandb_service_that_is_gone_does_not_hide_how_the_run_ended(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture):
+    """scancel and requeue signal every process of the step: wandb-core can end before train.py closes its run. The
+    close then says so in one line instead of raising over the run's own exit (measured: a requeued packed run ended
+    with exit 1 and a ConnectionResetError traceback instead of 143)."""
+    import wandb
+
+    from support import training
+
+    class GoneRun:
+        dir = str(tmp_path / "wandb" / "offline-run-x" / "files")
+
+    def finish(exit_code: int | None = None) -> None:
+        raise ConnectionResetError("Connection lost")
+
+    monkeypatch.setattr(wandb, "run", GoneRun())
+    monkeypatch.setattr(wandb, "finish", finish)
+    training.finish_wandb(exit_code=1)
+    assert wandb.run is None
+    err = capsys.readouterr().err
+    assert "wandb could not close the run (ConnectionResetError: Connection lost)" in err
+    assert str(tmp_path / "wandb" / "offline-run-x") in err and len(err.strip().splitlines()) == 1
