@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import torch
 from slurm_fixtures import SlurmCluster, slurm, slurm_cluster  # noqa: F401  (fixtures)
+from test_slurm_search import one_thread  # noqa: F401  (autouse: one torch thread each, no wandb service of ours)
 
 import slurm_train
 from support.search_launch import new_search
@@ -36,11 +37,7 @@ ONE_GPU = ["--gpus-per-node", "1", "--cpus-per-task", "1", "--mem", "1G", "--tim
 
 
 @pytest.fixture(autouse=True)
-def one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setenv("MKL_NUM_THREADS", "1")
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    monkeypatch.delenv("WANDB_SERVICE", raising=False)
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_MODE", "offline")
 
 
