@@ -26,14 +26,6 @@ LOCAL_DATA_ENV = "MLMODELDEV_LOCAL_DATA"
 COPY_RECORD = "COPIED"  # beside the copy: its source, the source's identity when copied, and the copy's SHA-256
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _copy_hashing(source: Path, dest: Path) -> str:
     """Copies source to dest (whole or not at all) and returns the SHA-256 of the bytes written."""
     digest = hashlib.sha256()
@@ -72,7 +64,10 @@ def staged(source: Path, fingerprint: str) -> Path:
             except (OSError, ValueError):
                 record = None
             if record is not None and {k: record.get(k) for k in identity} == identity and dest.is_file():
-                if dest.stat().st_size == record["size"] and _sha256(dest) == record["sha256"]:
+                from support.downloads import file_checksum  # here: support.downloads imports this module
+
+                whole = dest.stat().st_size == record["size"]
+                if whole and file_checksum(dest, "sha256:") == f"sha256:{record['sha256']}":
                     print(f"data: reading the node-local copy {dest} of {source}", flush=True)
                     return dest
                 why = "is corrupt (its SHA-256 differs from the copy's)"
