@@ -94,6 +94,7 @@ class Checker:
 
         import train
         from support.errors import one_line
+        from support.training.callbacks import stopped_by_signal
 
         class SaveAtStep(Callback):  # between two batches, where train.py's Slurm requeue saves
             def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
@@ -111,7 +112,7 @@ class Checker:
         self.check_cka(cli)
         cli.trainer.callbacks.append(SaveAtStep())
         try:
-            with train.training.stopped_by_signal():
+            with stopped_by_signal():
                 ended = train.fit_and_test(cli)
         except Exception as err:
             logged = sorted(cli.trainer.callback_metrics)
@@ -155,8 +156,10 @@ class Checker:
             return
         if not Path(mid).exists():
             return self.record("resume", None, f"fewer than {STOP_AT} training steps: nothing to stop mid-epoch")
+        from support.training.callbacks import stopped_by_signal
+
         again = train.build_cli([*self.args, f"--run_dir={resumed}", f"--ckpt_path={mid}"])
-        with train.training.stopped_by_signal():
+        with stopped_by_signal():
             train.fit_and_test(again)
         a, b = (torch.load(d / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
                 for d in (full, resumed))

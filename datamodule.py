@@ -8,7 +8,7 @@
 
 The default dataset is embedded (scikit-learn's 1,797 handwritten 8x8 digits), so `python train.py` needs no
 network; MNIST, Fashion-MNIST and CIFAR-10 are downloaded. Each dataset is declared once, in DATASETS, and prepared
-once per data directory by support/downloads.py: under a file lock (DDP ranks, array tasks and jobs wait for one
+once per data directory by support/data/downloads.py: under a file lock (DDP ranks, array tasks and jobs wait for one
 process to do it) its files are downloaded with pySmartDL, verified, built into DIR/<name>/data.pt, and the marker
 DIR/<name>/COMPLETE is written last. A run that finds the marker loads data.pt and touches no network; the marker
 records the declaration (files, checksums, build function), so editing one rebuilds that dataset at the next run.
@@ -35,7 +35,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from support.downloads import MIRROR_ENV, DownloadError, RemoteFile, load_prepared, prepare_dataset, remote_files
+from support.data.downloads import MIRROR_ENV, DownloadError, RemoteFile, load_prepared, prepare_dataset, remote_files
 from support.errors import SettingError  # a bad setting found in setup: train.py prints it as one line
 
 
@@ -210,8 +210,8 @@ class DataModule(pl.LightningDataModule):
         if "x_test" in data:
             self.splits["test"] = make(data["x_test"], data["y_test"])
 
-    # Plain loaders, as Lightning's docs write them: under train.py, support/resumable.py gives the training one a
-    # seeded order that a resumed run continues where it stopped.
+    # Plain loaders, as Lightning's docs write them: under train.py, support/run_dir/resumable.py gives the training
+    # one a seeded order that a resumed run continues where it stopped.
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
         workers = self.hparams.num_workers
         return DataLoader(self.splits[split], batch_size=self.hparams.batch_size, shuffle=shuffle,

@@ -26,9 +26,12 @@ import torch
 from pytorch_lightning.utilities import rank_zero_only
 
 import train
-from support import run_directory, runs, training
 from support.atomic import write_atomic
-from support.errors import SettingError
+from support.errors import SettingError, warn
+from support.run_dir.checks import require_checkpoint
+from support.run_dir.config import CONFIG_FILE, require_fit
+from support.training.callbacks import stopped_by_signal
+from support.training.cli import quiet_known_warnings
 
 ONE_PROCESS = ["--trainer.num_nodes=1", "--trainer.devices=1", "--trainer.strategy=auto"]
 
@@ -59,7 +62,7 @@ def checkpoint_and_run(target: Path, which: str) -> tuple[Path, Path]:
         checkpoint = best_checkpoint(run_dir) if which == "best" else run_dir / "checkpoints" / f"{which}.ckpt"
     else:
         raise SettingError(f"{target} does not exist: give a run directory (runs/...) or a .ckpt file")
-    runs.require_checkpoint(checkpoint, "checkpoint ")
+    require_checkpoint(checkpoint, "checkpoint ")
     return checkpoint, run_dir
 
 
@@ -67,19 +70,19 @@ def evaluate(target: str | Path, which: str = "best", split: str = "test", overr
              ) -> dict[str, Any]:
     """Tests (or validates) the checkpoint with its run's settings; returns the metrics (and which checkpoint)."""
     checkpoint, run_dir = checkpoint_and_run(Path(target).expanduser().resolve(), which)
-    config = run_dir / run_directory.CONFIG_FILE
+    config = run_dir / CONFIG_FILE
     if not config.is_file():
-        training.warn(f"{run_dir} has no {config.name}: evaluating with train.py's defaults and the arguments given")
+        warn(f"{run_dir} has no {config.name}: evaluating with train.py's defaults and the arguments given")
     # The run's settings, but one process on this machine (a run trained on 2 nodes x 4 GPUs is evaluated anywhere)
     # unless the arguments say otherwise; the run's own directory, without a logger or a saved config: nothing is
     # written there. CKA (a validation extra) is off, so --split val gives exactly the validation metrics.
     cli = train.build_cli_or_exit([*(["--config", str(config)] if config.is_file() else []), *ONE_PROCESS,
                                    *(overrides or []), f"--run_dir={run_dir}", "--trainer.logger=false",
                                    "--cka.every_n_epochs=0"], record=False)
-    run_directory.require_fit(cli.model, checkpoint, {}, run_dir)
+    require_fit(cli.model, checkpoint, {}, run_dir)
     trainer = cli.trainer
     run = trainer.test if split == "test" else trainer.validate
-    with training.stopped_by_signal():
+    with stopped_by_signal():
         outputs = run(cli.model, datamodule=cli.datamodule, ckpt_path=str(checkpoint), verbose=False)
     metrics: dict[str, Any] = {key: float(value) for key, value in (outputs[0] if outputs else {}).items()}
     if trainer.is_global_zero:
@@ -128,5 +131,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    training.quiet_known_warnings()
+    quiet_known_warnings()
     main()

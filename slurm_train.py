@@ -22,10 +22,10 @@ exited 0, so a crashed, cancelled or preempted row is not finished and a requeue
 Every row is checked as train.py would check it (constructors included), and the job against the cluster's limits
 (clusters.toml: time, GPUs, account, GPU type, the torch of the environment for the partition's architecture),
 before anything is written or submitted.
-A search (--search) writes search.json, job.sbatch (K workers, support/search_worker.py), worker-<i>.out, and per run
+A search (--search) writes search.json, job.sbatch (K workers, support/search/worker.py), worker-<i>.out, and per run
 run-NNNN.json (its record), run-NNNN.out and run-NNNN/; see README.md, "Offline search". With --runs-per-gpu K each
-array task runs K rows (or workers) at once and logs to task-<t>.out (support/packing.py; README.md, "Several small
-runs on one GPU").
+array task runs K rows (or workers) at once and logs to task-<t>.out (support/slurm/packing.py; README.md,
+"Several small runs on one GPU").
 """
 
 from __future__ import annotations
@@ -44,15 +44,15 @@ from support.atomic import write_atomic
 from support.clusters.environments import machine_arch
 from support.clusters.plan import RESOURCES, JobPlan, missing_submit_command, plan_job, storage_notes
 from support.clusters.profiles import load_clusters, partition_table
-from support.errors import one_line
-from support.job_scripts import render_agents_script, render_script, script_head
-from support.launch_options import parse_args
-from support.local_rows import run_local, stop_orphans
-from support.packing import task_count, tasks_of
-from support.runs import tasks_devices_mismatch, timestamped_name
-from support.search_launch import extra_problem, new_search, render_search_script, unfinished_search
-from support.search_records import SEARCH_FILE
-from support.slurm_jobs import LaunchError, active_jobs, array_spec, sbatch_header, submit, written_concurrency
+from support.errors import LaunchError, one_line
+from support.run_dir.checks import tasks_devices_mismatch, timestamped_name
+from support.search.launch import extra_problem, new_search, render_search_script, unfinished_search
+from support.search.records import SEARCH_FILE
+from support.slurm.jobs import active_jobs, array_spec, sbatch_header, submit, written_concurrency
+from support.slurm.local_rows import run_local, stop_orphans
+from support.slurm.options import parse_args
+from support.slurm.packing import task_count, tasks_of
+from support.slurm.scripts import render_agents_script, render_script, script_head
 
 REPO_DIR = Path(__file__).resolve().parent
 

@@ -32,10 +32,11 @@ from typing import Any
 
 import numpy as np
 
-from support import logged_metrics, sweep_space
-from support.class_choice import same_class
 from support.errors import one_line
-from support.wandb_access import agent_problem, default_entity, default_project, has_wandb_credentials
+from support.search import space as sweep_space
+from support.training import logged_metrics
+from support.training.class_choice import same_class
+from support.training.wandb_access import agent_problem, default_entity, default_project, has_wandb_credentials
 
 with warnings.catch_warnings():  # sweeps 0.2.0 declares pydantic-v1 settings, which pydantic 2 warns about
     warnings.simplefilter("ignore", UserWarning)
@@ -111,7 +112,7 @@ def reaches_unchanged(parsed: Any, value: Any) -> bool:
 
 def metric_problem(metric: str) -> tuple[str, bool] | None:
     """Why `metric` may never be logged by train.py's MODEL_CLASS, and whether that is certain (an error) or only
-    unverifiable (a warning); read from the class's own source (support/logged_metrics.py)."""
+    unverifiable (a warning); read from the class's own source (support/training/logged_metrics.py)."""
     import train
 
     return logged_metrics.metric_problem(metric, train.MODEL_CLASS)
@@ -280,7 +281,7 @@ def grid_size(config: dict[str, Any] = SWEEP_CONFIG) -> int:
 
 def random_configs(n: int, seed: int = 0, config: dict[str, Any] = SWEEP_CONFIG) -> list[dict[str, Any]]:
     """n random draws from the parameters' distributions, as wandb's random search draws them but repeating no
-    point while the space has unseen ones (support/sweep_space.py); the same for the same seed. The draws come from
+    point while the space has unseen ones (support/search/space.py); the same for the same seed. The draws come from
     Python's global `random` (and numpy for some): both are seeded, then restored."""
     filled = sweeps.SweepConfig(with_default_metric(config))  # wandb's checks and defaults, as its engine has them
     states = random.getstate(), np.random.get_state()
@@ -331,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--samples must be at least 1, got {args.samples} (leave it out for the whole grid)")
 
     if args.status:
-        from support.search_status import show_status
+        from support.search.status import show_status
 
         return show_status(Path(args.status))
     if args.check_agent:

@@ -44,10 +44,24 @@ from pytorch_lightning.utilities.model_helpers import is_overridden
 
 import datamodule
 import model
-from support import class_choice, gpu_check, linking, packing, run_directory, runs, training
-from support.cka_monitor import CKAMonitor
-from support.downloads import DownloadError
+from support import gpu_check
+from support.cka.monitor import CKAMonitor
+from support.data.downloads import DownloadError
 from support.errors import SettingError, one_line
+from support.run_dir.checks import (
+    check_run_dir_and_checkpoint,
+    checkpoint_file,
+    default_run_name,
+    require_training,
+    slurm_job_mismatch,
+)
+from support.run_dir.config import require_fit, with_saved_settings
+from support.run_dir.writer import one_writer, with_atomic_checkpoints
+from support.slurm import packing
+from support.training import class_choice, linking
+from support.training.callbacks import LatestCheckpoint, machinery_callbacks, stopped_by_signal
+from support.training.cli import SaveConfigAndLog, parse_only, quiet_known_warnings
+from support.training.wandb_logger import WandbOptions, finish_wandb, wandb_logger
 
 # ---- What you change ------------------------------------------------------------------------------------------
 MODEL_CLASS = model.ImageClassifier  # your LightningModule
@@ -67,7 +81,7 @@ RUN_DIR_ENV = "TRAIN_RUN_DIR"  # hands the run directory to DDP worker processes
 def linked_arguments() -> list[tuple[str, str]]:
     """(name, when) for each LINKED name that the model's constructor takes and the DataModule provides (as a
     property, class attribute or attribute set in its constructor: once it exists; as a constructor argument: at
-    parsing). One that it does not provide gets one warning saying why (support/linking.py)."""
+    parsing). One that it does not provide gets one warning saying why (support/training/linking.py)."""
     return linking.links(LINKED, MODEL_CLASS, DATAMODULE_CLASS)
 
 
@@ -78,7 +92,7 @@ class TrainCLI(LightningCLI):
                                  "SLURM). Reusing one continues it: pair with --ckpt_path last.")
         parser.add_argument("--ckpt_path", type=str | None, default=None,
                             help="Checkpoint to resume training from; 'last' means the run's last.ckpt.")
-        parser.add_class_arguments(training.WandbOptions, "wandb")
+        parser.add_class_arguments(WandbOptions, "wandb")
         if not is_overridden("configure_optimizers", parent=LightningModule, instance=MODEL_CLASS):
             # The optimizer lives in the CLI: --optimizer=SGD --optimizer.lr=0.1 --optimizer.momentum=0.9. A model
             # with its own configure_optimizers keeps it (its --optimizer then has no default).
@@ -105,18 +119,18 @@ class TrainCLI(LightningCLI):
             warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python")
             super().parse_arguments(parser, args)
         chosen = self.config.run_dir or self.config.trainer.default_root_dir or os.environ.get(RUN_DIR_ENV)
-        self.run_dir = Path(chosen or Path("runs") / runs.default_run_name()).resolve()
+        self.run_dir = Path(chosen or Path("runs") / default_run_name()).resolve()
         # Before anything is written; a CLI that records nothing (evaluate.py) only reads the run directory.
-        runs.check_run_dir_and_checkpoint(self.run_dir, self.config.ckpt_path, self.save_config_callback is not None)
+        check_run_dir_and_checkpoint(self.run_dir, self.config.ckpt_path, self.save_config_callback is not None)
         if self.save_config_callback is not None and not self.config.ckpt_path:  # a resume's is checked on loading
-            runs.require_training(self.config.trainer)
-        # A resume continues with the run's own config.yaml, the arguments given on top (support/run_directory.py).
-        self.config, self.changed = run_directory.with_saved_settings(parser, self.config, args, self.run_dir)
+            require_training(self.config.trainer)
+        # A resume continues with the run's own config.yaml, the arguments given on top (support/run_dir/config.py).
+        self.config, self.changed = with_saved_settings(parser, self.config, args, self.run_dir)
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
-        if checkpoint := runs.checkpoint_file(self.run_dir, self.config.ckpt_path):  # it must load: checked now
-            run_directory.require_fit(self.model, checkpoint, self.changed, self.run_dir,
+        if checkpoint := checkpoint_file(self.run_dir, self.config.ckpt_path):  # it must load: checked now
+            require_fit(self.model, checkpoint, self.changed, self.run_dir,
                                       self.config.trainer.max_epochs)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
@@ -125,13 +139,13 @@ class TrainCLI(LightningCLI):
         if init.checkpoint.dirpath is None:
             init.checkpoint.dirpath = str(self.run_dir / "checkpoints")
         given = init.trainer.callbacks
-        callbacks = [*(given if isinstance(given, list) else [given] if given else [])] + training.machinery_callbacks(
+        callbacks = [*(given if isinstance(given, list) else [given] if given else [])] + machinery_callbacks(
             init.checkpoint.dirpath, {"--checkpoint.monitor": init.checkpoint.monitor,
                                       "--early_stopping.monitor": init.early_stopping.monitor},
             progress=init.trainer.enable_progress_bar is not False)
         if init.trainer.logger in (None, True):  # not set by the user: our default wandb logger
-            kwargs["logger"] = training.wandb_logger(self.config.wandb, self.run_dir)
-        kwargs["plugins"] = run_directory.with_atomic_checkpoints(init.trainer.plugins)
+            kwargs["logger"] = wandb_logger(self.config.wandb, self.run_dir)
+        kwargs["plugins"] = with_atomic_checkpoints(init.trainer.plugins)
         try:
             trainer = super().instantiate_trainer(callbacks=callbacks, default_root_dir=str(self.run_dir), **kwargs)
         except RuntimeError as err:  # Lightning's check of the SLURM_* variables, before ours below could run
@@ -139,8 +153,8 @@ class TrainCLI(LightningCLI):
                 raise
             raise SettingError(f"{str(err).splitlines()[0]} (SLURM_NTASKS={os.environ.get('SLURM_NTASKS')}; outside "
                                "a Slurm job, unset the SLURM_* variables)") from None
-        training.LatestCheckpoint.after_the_others(trainer)
-        if SLURMEnvironment.detect() and (problem := runs.slurm_job_mismatch(trainer.num_devices, trainer.num_nodes)):
+        LatestCheckpoint.after_the_others(trainer)
+        if SLURMEnvironment.detect() and (problem := slurm_job_mismatch(trainer.num_devices, trainer.num_nodes)):
             raise ValueError(problem)
         return trainer
 
@@ -155,7 +169,7 @@ CLI_SETUP: dict[str, Any] = dict(
 def build_cli(args: list[str] | dict[str, Any] | None = None, record: bool = True) -> TrainCLI:
     """Parse the settings and build model, data and trainer; raises ArgumentError/ValueError on bad settings.
     record=False: the run's config is neither saved nor logged (evaluate.py)."""
-    return TrainCLI(args=args, save_config_callback=training.SaveConfigAndLog if record else None,
+    return TrainCLI(args=args, save_config_callback=SaveConfigAndLog if record else None,
                     save_config_kwargs={"save_to_log_dir": False}, **CLI_SETUP)
 
 
@@ -173,7 +187,7 @@ def parse_config(args: list[str] | dict[str, Any]) -> Any:
     """The config (a jsonargparse Namespace) that train.py would run with these arguments, checked by the model's
     and DataModule's constructors (on the meta device: no data, no memory), without training. Raises ArgumentError
     naming the key when an argument is unknown or invalid, or what a constructor raises."""
-    return training.parse_only(TrainCLI, args, **CLI_SETUP)
+    return parse_only(TrainCLI, args, **CLI_SETUP)
 
 
 def fit_and_test(cli: TrainCLI) -> dict[str, Any]:
@@ -211,13 +225,13 @@ def main(args: list[str] | dict[str, Any] | None = None) -> dict[str, Any]:
         try:
             # One run writes into a run directory at a time: the first process holds it (DDP ranks share it). A run
             # that fails before its first training step takes the directory it made away again, wandb run included.
-            with run_directory.one_writer(cli.run_dir, untrained=lambda: cli.trainer.global_step == 0) \
+            with one_writer(cli.run_dir, untrained=lambda: cli.trainer.global_step == 0) \
                     if cli.trainer.is_global_zero else contextlib.nullcontext():
                 try:
-                    with training.stopped_by_signal():  # SIGTERM: last.ckpt saved, exit status 143
+                    with stopped_by_signal():  # SIGTERM: last.ckpt saved, exit status 143
                         results = fit_and_test(cli)
                 except BaseException:
-                    training.finish_wandb(exit_code=1)  # marks the run as failed, and closes its files first
+                    finish_wandb(exit_code=1)  # marks the run as failed, and closes its files first
                     raise
         except (DownloadError, SettingError) as err:  # raised inside fit: data that cannot be had, a bad setting
             # Said once: under DDP every rank raises it.
@@ -230,10 +244,10 @@ def main(args: list[str] | dict[str, Any] | None = None) -> dict[str, Any]:
             raise SystemExit(f"error: no space left on the disk of {cli.run_dir} ({err.strerror}): the checkpoints "
                              f"saved before are whole; free space, then resume with --run_dir {cli.run_dir} "
                              "--ckpt_path last") from None
-        training.finish_wandb()  # so the next main() in this process starts its own wandb run
+        finish_wandb()  # so the next main() in this process starts its own wandb run
         return results
     except BaseException:
-        training.finish_wandb(exit_code=1)  # marks the run as failed rather than leaving it open
+        finish_wandb(exit_code=1)  # marks the run as failed rather than leaving it open
         raise
     finally:
         if set_here:
@@ -241,5 +255,5 @@ def main(args: list[str] | dict[str, Any] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    training.quiet_known_warnings()
+    quiet_known_warnings()
     main()

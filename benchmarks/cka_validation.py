@@ -27,7 +27,7 @@ from pytorch_lightning import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train  # noqa: E402
-from support.cka_monitor import CKAMonitor  # noqa: E402
+from support.cka.monitor import CKAMonitor  # noqa: E402
 
 
 class AccumulateOnly(CKAMonitor):

@@ -7,7 +7,7 @@ Writes MNIST's four files in their real format (gzipped IDX, random pixels) into
 the way torchvision expects: ROOT/MNIST/raw/, holding the .gz files as downloaded and the unzipped copies that
 torchvision's download leaves beside them and reads. Then, in the same run:
 
-  ours         support/downloads.py prepares dataset "MNIST" (datamodule.py's MNIST declaration, with these
+  ours         support/data/downloads.py prepares dataset "MNIST" (datamodule.py's MNIST declaration, with these
                files' checksums) in ROOT, that is from ROOT/MNIST/raw/ itself (checksums, decoding into
                ROOT/MNIST/data.pt: timed once, as it happens once), and an epoch is a pass over datamodule.py's
                DataModule's train and val loaders, which together hold all the training images;
@@ -40,7 +40,7 @@ from torchvision.transforms import ToTensor
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import train  # noqa: E402
-from support.downloads import prepare_dataset, remote_files  # noqa: E402
+from support.data.downloads import prepare_dataset, remote_files  # noqa: E402
 
 datamodule = inspect.getmodule(train.DATAMODULE_CLASS)  # datamodule.py, found through train.py's one place
 

@@ -1,4 +1,4 @@
-"""How long does an offline search (support/search_records.py) take to propose a run as its records pile up?
+"""How long does an offline search (support/search/records.py) take to propose a run as its records pile up?
 
     python benchmarks/search.py          # ~30 s on 2 CPU cores
 
@@ -34,9 +34,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from support import search_records  # noqa: E402
-from support.search_launch import new_search  # noqa: E402
-from support.search_records import claim_or_propose, load_search, propose, read_records, record_path, write_record  # noqa: E402
+from support.search import records as search_records  # noqa: E402
+from support.search.launch import new_search  # noqa: E402
+from support.search.records import claim_or_propose, load_search, propose, read_records, record_path, write_record  # noqa: E402
 
 PARAMETERS = {"model.hidden_dim": {"values": [64, 128, 256]},
               "model.dropout": {"distribution": "uniform", "min": 0.0, "max": 0.5},

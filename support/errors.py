@@ -1,4 +1,5 @@
-"""Errors that a researcher causes and can fix, and how they are shown: one line naming the problem and the fix.
+"""Errors that a researcher causes and can fix, and how they are shown: one line naming the problem and the fix;
+and `warn`, the one-line warning. Every package of support/ may import this module; it imports none of them.
 
 Light on purpose (no torch, no Lightning): sweep.py and slurm_train.py use it before they load anything heavy.
 """
@@ -6,11 +7,27 @@ Light on purpose (no torch, no Lightning): sweep.py and slurm_train.py use it be
 from __future__ import annotations
 
 import re
+import sys
 
 
 class SettingError(ValueError):
     """A setting that cannot work (a checkpoint that is not one, a layer that does not exist, a metric never logged):
     train.py prints its message as one line and exits 1, without a traceback."""
+
+
+class LaunchError(ValueError):
+    """A problem with a Slurm submission found before anything was written or submitted; the message is one line."""
+
+
+def warn(message: str) -> None:
+    """One plain line on stderr, from rank 0 only: what a researcher reads in a SLURM log (Python's warnings add the
+    file, line and source line, which say nothing to them)."""
+    # Lightning's record of this process's rank: set when Lightning loads, updated by its strategies. This small
+    # package loads in milliseconds, so the module stays light; a process without Lightning is rank 0.
+    from lightning_utilities.core.rank_zero import rank_zero_only
+
+    if getattr(rank_zero_only, "rank", 0) == 0:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def one_line(err: BaseException) -> str:

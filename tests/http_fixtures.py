@@ -1,5 +1,5 @@
 """Test helpers for downloads: a local HTTP file server with switchable failures, dataset declarations made of
-random files (for support/downloads.py, without datamodule.py), and files in the example datasets' real on-disk
+random files (for support/data/downloads.py, without datamodule.py), and files in the example datasets' real on-disk
 formats (gzipped IDX for MNIST and Fashion-MNIST, the pickle tarball for CIFAR-10)."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from support.downloads import RemoteFile, prepare_dataset, remote_files
+from support.data.downloads import RemoteFile, prepare_dataset, remote_files
 
 MODES = ("ok", "404", "silent", "stall", "trickle", "truncate", "drop", "wrong")
 
@@ -202,7 +202,7 @@ def cifar10_files(per_batch: int, seed: int = 0) -> tuple[dict[str, bytes], dict
 
 @dataclass(frozen=True)
 class Declaration:
-    """A dataset declaration as support.downloads.prepare_dataset takes one: its files and how to build tensors."""
+    """A dataset declaration as support.data.downloads.prepare_dataset takes one: its files and how to build tensors."""
 
     files: tuple[RemoteFile, ...]
     build: Callable[[Path], dict[str, torch.Tensor]]

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from support.search_records import RECORD_ENV, report_epoch, report_test  # noqa: E402
+from support.search.records import RECORD_ENV, report_epoch, report_test  # noqa: E402
 
 
 def objective(settings: dict[str, str], epoch: int) -> float:

@@ -1,5 +1,5 @@
 """Tests for cka.py's numerics against independent float64 implementations written straight from the papers'
-formulas (the machinery around them, support/cka_monitor.py, is tested in test_cka_monitor.py).
+formulas (the machinery around them, support/cka/monitor.py, is tested in test_cka_monitor.py).
 
 References: explicit centring matrix H = I - 11'/n and HSIC = tr(KHLH)/(n-1)^2 (Gretton et al. 2005; Kornblith et
 al. 2019); unbiased HSIC of Song et al. (2012) with zero-diagonal K~, L~; RBF kernel with sigma = frac x median
@@ -22,7 +22,7 @@ from torch.overrides import TorchFunctionMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import cka  # noqa: E402
+from support.cka import numerics as cka  # noqa: E402  (the private helpers are tested too)
 
 make_batches = runpy.run_path(str(ROOT / "tests" / "cka_ddp_worker.py"))["make_batches"]  # shared with the worker
 
@@ -396,7 +396,7 @@ def test_no_host_sync_in_update_and_linear_functions() -> None:
 
 @pytest.mark.slow
 def test_importing_cka_loads_no_lightning() -> None:
-    """cka.py is the standalone numerics: its command line imports support/cka_monitor.py (and Lightning) lazily."""
+    """cka.py is the standalone numerics: its command line imports support/cka/monitor.py (and Lightning) lazily."""
     code = "import sys, cka; print(sorted(m for m in sys.modules if m.split('.')[0] in ('pytorch_lightning', " \
            "'lightning', 'support')))"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,

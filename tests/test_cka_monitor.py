@@ -1,4 +1,4 @@
-"""support/cka_monitor.py: layer recording, layer choice, the heatmap, CKAMonitor in validation and training, the
+"""support/cka/monitor.py: layer recording, layer choice, the heatmap, CKAMonitor in validation and training, the
 checkpoints' class-path record and `python cka.py A.ckpt B.ckpt`, on the tests' own toy model and data (tests/toy.py)
 and small variants of it; one test runs train.py's example model."""
 
@@ -21,7 +21,7 @@ from torchmetrics import Metric
 from toy import ToyClassifier, ToyData
 from wandb_records import wait_for_logged
 
-from support.cka_monitor import (
+from support.cka.monitor import (
     CKAMonitor,
     LayerOutputError,
     LayerRecorder,

@@ -1,5 +1,5 @@
 """A class chosen on the command line (or in a dict, or a sweep value) starts from its own defaults: jsonargparse
-carries the previous class's matching init_args across a switch (support/class_choice.py)."""
+carries the previous class's matching init_args across a switch (support/training/class_choice.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train
-from support import class_choice
+from support.training import class_choice
 
 # The example model leaves its optimizer to the CLI (--optimizer); a model with its own configure_optimizers has none.
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.example_model]

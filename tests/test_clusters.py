@@ -23,7 +23,8 @@ from slurm_fixtures import SlurmCluster, slurm, slurm_cluster  # noqa: F401  (fi
 import slurm_train
 from support.clusters import environments, plan
 from support.clusters.profiles import load_clusters, partition_table
-from support.slurm_jobs import LaunchError, sbatch_header
+from support.errors import LaunchError
+from support.slurm.jobs import sbatch_header
 
 AGENTS = ["--agents", "me/project/abc123", "--count", "4", "--max-concurrent", "2", "--dry-run"]
 OURS = ["--signal=SIGUSR1@90", "--requeue", "--open-mode=append"]  # the template's, on every cluster

@@ -107,7 +107,7 @@ def test_a_project_made_from_the_template_trains_keeps_its_code_through_updates_
     clusters = tomllib.loads((project / "clusters.toml").read_text())
     assert (clusters["default_cluster"], clusters["default_account"]) == ("hec", "proj-123")
     assert (project / "clusters.toml").read_text().count("\n") == (template / "clusters.toml").read_text().count("\n")
-    wandb_defaults = ok(project, sys.executable, "-c", "from support.wandb_access import default_entity, "
+    wandb_defaults = ok(project, sys.executable, "-c", "from support.training.wandb_access import default_entity, "
                         "default_project; print(default_entity(), default_project())")
     assert wandb_defaults.split() == ["my-team", "my-project"]
     answers = yaml.safe_load((project / ".copier-answers.yml").read_text())

@@ -11,10 +11,10 @@ import pytest
 from conftest import run_script
 from test_search import SPACE, make_search, records
 
-from support import search_records
 from support.clusters.plan import job_start, plan_job
 from support.clusters.profiles import load_clusters
-from support.search_launch import render_search_script
+from support.search import records as search_records
+from support.search.launch import render_search_script
 
 DAMAGE = {3: "[]", 4: {"best": "abc"}, 5: {"history": None}, 6: '{"number": 6, "na'}
 

@@ -17,9 +17,9 @@ import torch
 from conftest import QUICK, run_script
 from http_fixtures import FileServer, cifar10_files, mnist_files, refused_url, sha256s
 
-import support.downloads as downloads
+import support.data.downloads as downloads
 import train
-from support.downloads import COMPLETE_MARKER, prepare_dataset, remote_files
+from support.data.downloads import COMPLETE_MARKER, prepare_dataset, remote_files
 
 pytestmark = pytest.mark.example_data
 datamodule = inspect.getmodule(train.DATAMODULE_CLASS)  # datamodule.py, found through train.py's one place

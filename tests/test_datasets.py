@@ -1,5 +1,5 @@
-"""support/downloads.py, with datasets declared here and served from 127.0.0.1 only: every failure path, 8 processes
-preparing at once, and working offline once a dataset is present. Nothing here imports datamodule.py: the
+"""support/data/downloads.py, with datasets declared here and served from 127.0.0.1 only: every failure path, 8
+processes preparing at once, and working offline once a dataset is present. Nothing here imports datamodule.py: the
 machinery works for any declaration (the example's datasets are tested in test_datamodule.py)."""
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import torch
 from conftest import REPO
 from http_fixtures import Declaration, FileServer, declare, digest, prepare_in_child, random_files, refused_url
 
-import support.downloads as downloads
-from support.downloads import COMPLETE_MARKER, DownloadError, RemoteFile, prepare_dataset
+import support.data.downloads as downloads
+from support.data.downloads import COMPLETE_MARKER, DownloadError, RemoteFile, prepare_dataset
 
 SMALL = random_files({"images.bin": 235_200, "labels.bin": 300, "test-images.bin": 39_200, "test-labels.bin": 50})
 
@@ -52,12 +52,13 @@ def load(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_support_downloads_imports_and_names_nothing_of_the_example():
-    code = "import support.downloads, sys; assert not {'datamodule', 'model', 'train'} & set(sys.modules)"
+    code = "import support.data.downloads, sys; assert not {'datamodule', 'model', 'train'} & set(sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
-    source = (REPO / "support" / "downloads.py").read_text().lower()
-    assert not re.findall(r"digits|mnist|cifar", source)
+    named = [f"{path.relative_to(REPO)}: {found}" for path in sorted((REPO / "support").rglob("*.py"))
+             if (found := re.findall(r"\bdigits\b(?! of)|mnist|cifar|imageclassifier", path.read_text().lower()))]
+    assert not named, f"support/ names the example's data or model: {named}"
 
 
 def test_a_checksum_must_name_an_algorithm():
@@ -214,13 +215,13 @@ def test_eight_processes_at_once_download_once_and_all_succeed(monkeypatch, tmp_
     files_dir.mkdir(), sync.mkdir()
     for name, data in files.items():
         (files_dir / name).write_bytes(data)
-    # Processes forked from a server that imported support.downloads once: 8 fresh interpreters would each spend
+    # Processes forked from a server that imported support.data.downloads once: 8 fresh interpreters would each spend
     # seconds of CPU importing torch. Each is still its own process with its own lock file handle.
     # (The fork server ignores our sys.path, so it finds the modules through PYTHONPATH.)
     monkeypatch.setenv("PYTHONPATH", f"{REPO}{os.pathsep}{REPO / 'tests'}")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["support.downloads", "http_fixtures"])
+    context.set_forkserver_preload(["support.data.downloads", "http_fixtures"])
     with FileServer(files) as server:
         prepare_dataset("race", declare([server.url], files), tmp_path / "reference")  # one download's requests
         one_download = dict(server.requests)

@@ -20,7 +20,7 @@ from conftest import QUICK, REPO, run_script
 import slurm_train
 from support.errors import SettingError
 from support.gpu_check import TORCH_CUDA_BUILDS, TorchBuild, gather_facts, problem, require_usable_gpus
-from support.rng_state import ResumeRNGState
+from support.run_dir.rng_state import ResumeRNGState
 
 CU130 = TorchBuild("2.14.1+cu130", "13.0", ("sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"), device_count=4)
 

@@ -1,6 +1,6 @@
 """Lazy layers (torch.nn.LazyLinear) train under DDP through train.py and resume exactly: the template gives them
-their shapes from one real batch before DDP wraps the model (support/lazy_layers.py); torch's DDP refuses a module
-with uninitialized parameters, and Lightning leaves that to the user."""
+their shapes from one real batch before DDP wraps the model (support/training/lazy_layers.py); torch's DDP refuses a
+module with uninitialized parameters, and Lightning leaves that to the user."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from conftest import QUICK, REPO, run_script
 from torch import nn
 from toy import ToyClassifier, ToyData
 
-from support.lazy_layers import MaterializeLazyLayers, has_lazy_layers
+from support.training.lazy_layers import MaterializeLazyLayers, has_lazy_layers
 
 DRIVER = f'''
 import sys
@@ -85,7 +85,7 @@ def test_the_shape_pass_leaves_no_trace_in_the_models_torchmetrics():
     from pytorch_lightning import LightningModule
     from torchmetrics.classification import MulticlassAccuracy
 
-    from support.lazy_layers import shapes_only
+    from support.training.lazy_layers import shapes_only
 
     class Lazy(LightningModule):
         def __init__(self) -> None:

@@ -1,5 +1,6 @@
 """train.py's LINKED: a DataModule attribute set in its constructor is linked to the model's argument of the same
-name; a name the model takes that the DataModule cannot provide gets one warning saying why (support/linking.py)."""
+name; a name the model takes that the DataModule cannot provide gets one warning saying why
+(support/training/linking.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from conftest import QUICK
 from toy import ToyClassifier, ToyData
 
 import train
-from support import linking
+from support.training import linking
 
 
 class TwoClasses(ToyData):

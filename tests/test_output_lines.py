@@ -15,7 +15,7 @@ from conftest import QUICK
 from test_search_status import make_search, run
 
 import train
-from support.search_status import status_lines
+from support.search.status import status_lines
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 LOG_LINES = ["--trainer.enable_model_summary=false", "--cka.every_n_epochs=0"]  # progress on: plain lines here

@@ -22,7 +22,7 @@ from slurm_fixtures import SlurmCluster, slurm, slurm_cluster  # noqa: F401  (fi
 from test_slurm_search import one_thread  # noqa: F401  (autouse: one torch thread each, no wandb service of ours)
 
 import slurm_train
-from support.search_launch import new_search
+from support.search.launch import new_search
 
 pytestmark = [pytest.mark.example_model, pytest.mark.example_data, pytest.mark.slow]
 
@@ -119,7 +119,7 @@ def test_four_rows_packed_two_per_gpu_run_as_two_tasks_at_once_and_equal_one_per
 
 
 def writer_pid(run_dir: Path, timeout: float, grid: Path) -> int:
-    """The pid of the train.py that holds the run directory (support/run_directory.py's .writer note)."""
+    """The pid of the train.py that holds the run directory (support/run_dir/writer.py's .writer note)."""
     deadline = time.monotonic() + timeout
     while not (run_dir / ".writer").is_file() or not (run_dir / "checkpoints").is_dir():
         assert time.monotonic() < deadline, f"{run_dir.name} never started training\n{logs(grid)}"

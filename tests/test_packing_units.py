@@ -15,9 +15,9 @@ from conftest import QUICK
 from toy import ToyClassifier
 
 import slurm_train
-from support import packing
-from support.downloads import prepare_dataset
-from support.local_data import COPY_RECORD, LOCAL_DATA_ENV, copy_dir, staged
+from support.data.downloads import prepare_dataset
+from support.data.local_copy import COPY_RECORD, LOCAL_DATA_ENV, copy_dir, staged
+from support.slurm import packing
 
 
 def data_pt(tmp_path: Path, values: list[int]) -> Path:
@@ -156,7 +156,7 @@ def test_the_dry_run_says_how_many_runs_share_a_gpu_and_how_many_tasks(
 
 def test_a_requeued_packed_task_gives_each_worker_back_its_own_run():
     """Workers 3, 4 and 5 share array task 7_1 (--runs-per-gpu 3): after a requeue each takes up its own run."""
-    from support.search_records import is_own
+    from support.search.records import is_own
 
     records = [{"owner": {"host": "n1", "pid": 10 + w, "worker": w, "slurm_task": "7_1"}} for w in (3, 4, 5)]
     for worker in (3, 4, 5):

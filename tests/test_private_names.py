@@ -11,8 +11,8 @@ import pytest
 
 
 def test_wandb_setup_loads_the_current_environment(monkeypatch: pytest.MonkeyPatch):
-    """support/wandb_access.py: wandb's settings as wandb.init would load them now (the public singleton caches the
-    environment of its first use)."""
+    """support/training/wandb_access.py: wandb's settings as wandb.init would load them now (the public singleton
+    caches the environment of its first use)."""
     from wandb.sdk.wandb_setup import _WandbSetup
 
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
@@ -23,7 +23,7 @@ def test_wandb_setup_loads_the_current_environment(monkeypatch: pytest.MonkeyPat
 
 
 def test_wandb_reads_the_netrc_entry_for_its_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """support/wandb_access.py: wandb's own netrc reader, the one `wandb login` pairs with."""
+    """support/training/wandb_access.py: wandb's own netrc reader, the one `wandb login` pairs with."""
     from wandb.sdk.lib import wbauth
 
     netrc = tmp_path / ".netrc"
@@ -34,7 +34,7 @@ def test_wandb_reads_the_netrc_entry_for_its_server(tmp_path: Path, monkeypatch:
 
 
 def test_wandb_logger_keeps_init_arguments_and_run_where_the_fallback_changes_them(tmp_path: Path):
-    """support/training.py FallbackWandbLogger: switches _wandb_init["mode"] and clears _experiment."""
+    """support/training/callbacks.py FallbackWandbLogger: switches _wandb_init["mode"] and clears _experiment."""
     from pytorch_lightning.loggers import WandbLogger
 
     logger = WandbLogger(save_dir=str(tmp_path), mode="offline", id="abc")
@@ -44,7 +44,8 @@ def test_wandb_logger_keeps_init_arguments_and_run_where_the_fallback_changes_th
 
 
 def test_lightning_rebuilds_a_dataloader_subclass_with_another_sampler():
-    """support/resumable.py: a DataLoader subclass gets the resumable sampler the way Lightning puts in its own."""
+    """support/run_dir/resumable.py: a DataLoader subclass gets the resumable sampler the way Lightning puts in its
+    own."""
     from pytorch_lightning.trainer.states import RunningStage
     from pytorch_lightning.utilities.data import _update_dataloader
     from torch.utils.data import DataLoader, SequentialSampler
@@ -74,8 +75,8 @@ def test_torchmetrics_keeps_reset_values_where_minibatch_cka_keeps_them_float64(
 
 
 def test_lightning_keeps_the_sample_count_of_logged_means_where_exact_epoch_means_converts_it():
-    """support/resumable.py ExactEpochMeans: the count of a mean logged with self.log is `cumulated_batch_size` of
-    each value in trainer._results, an integer tensor."""
+    """support/run_dir/resumable.py ExactEpochMeans: the count of a mean logged with self.log is
+    `cumulated_batch_size` of each value in trainer._results, an integer tensor."""
     import torch
     from pytorch_lightning import LightningModule, Trainer
 

@@ -1,5 +1,5 @@
-"""support/resumable.py: exact mid-epoch resume and DDP sharding for any DataModule's training DataLoader, tested on
-the tests' own model and data (tests/toy.py: a plain `DataLoader(TensorDataset(...), shuffle=True)`)."""
+"""support/run_dir/resumable.py: exact mid-epoch resume and DDP sharding for any DataModule's training DataLoader,
+tested on the tests' own model and data (tests/toy.py: a plain `DataLoader(TensorDataset(...), shuffle=True)`)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset, Weighte
 from toy import ToyData
 from toy_train import fit
 
-from support.resumable import EpochShuffleSampler, ExactShards, ResumableTrainingData
+from support.run_dir.resumable import EpochShuffleSampler, ExactShards, ResumableTrainingData
 
 
 def weights(path: str | Path) -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""A run directory you can trust (support/run_directory.py, evaluate.py): a resume continues with the run's own
+"""A run directory you can trust (support/run_dir/, evaluate.py): a resume continues with the run's own
 config.yaml, the first config is never overwritten, one run writes at a time, checkpoints are whole or absent,
 a run can be evaluated again, and plain-log progress shows every logged metric."""
 
@@ -22,8 +22,9 @@ from wandb_records import wait_for_logged
 
 import evaluate
 import train
-from support.run_directory import AtomicCheckpointIO, changes, rerunnable
-from support.training import LogLineProgress
+from support.run_dir.config import changes, rerunnable
+from support.run_dir.writer import AtomicCheckpointIO
+from support.training.callbacks import LogLineProgress
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 BASE = QUICK + ["--cka.every_n_epochs=0", "--early_stopping.patience=100"]
@@ -63,7 +64,7 @@ def test_a_resume_with_no_arguments_continues_with_the_runs_own_settings_exactly
     train.main(args + ["--run_dir=full"])
     cli = train.build_cli(args + ["--run_dir=stopped"])
     cli.trainer.callbacks.append(StopAfterEpochs(2))
-    with train.run_directory.one_writer(cli.run_dir):
+    with train.one_writer(cli.run_dir):
         train.fit_and_test(cli)
     first_config = Path("stopped/config.yaml").read_bytes()
     capsys.readouterr()

@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 
-from support import search_records, search_worker
-from support.search_launch import new_search
+from support.search import records as search_records
+from support.search import worker as search_worker
+from support.search.launch import new_search
 
 REPO = Path(__file__).resolve().parent.parent
 OBJECTIVE = [sys.executable, str(REPO / "tests" / "search_objective.py")]
@@ -38,7 +39,7 @@ def records(search_dir: Path) -> list[dict[str, Any]]:
 
 def start_workers(search_dir: Path, k: int) -> list[subprocess.Popen[bytes]]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return [subprocess.Popen([sys.executable, "-m", "support.search_worker", str(search_dir), "--worker", str(i)],
+    return [subprocess.Popen([sys.executable, "-m", "support.search.worker", str(search_dir), "--worker", str(i)],
                              env=env, stdout=subprocess.DEVNULL) for i in range(k)]
 
 
@@ -107,7 +108,7 @@ def test_four_workers_make_exactly_the_count(tmp_path: Path) -> None:
 PROPOSER = """
 import json, sys
 from pathlib import Path
-from support.search_records import claim_or_propose, owner_identity, write_record
+from support.search.records import claim_or_propose, owner_identity, write_record
 search_dir, worker = Path(sys.argv[1]), int(sys.argv[2])
 got = []
 for _ in range(50):

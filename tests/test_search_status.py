@@ -1,5 +1,5 @@
-"""support/search_status.py: the status table, the cross-validation table and the plot of an offline search, from
-search directories written by hand (search.json and one run-NNNN.json per run, as support/search_records.py keeps)."""
+"""support/search/status.py: the status table, the cross-validation table and the plot of an offline search, from
+search directories written by hand (search.json and one run-NNNN.json per run, as support/search/records.py keeps)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from support.search_status import show_status, status_lines, write_plot
+from support.search.status import show_status, status_lines, write_plot
 
 NAME = "search-20261202-140000-abc123"
 

@@ -15,7 +15,7 @@ import pytest
 from slurm_fixtures import SlurmCluster, slurm, slurm_cluster  # noqa: F401  (fixtures)
 
 import slurm_train
-from support.search_launch import new_search
+from support.search.launch import new_search
 
 REPO = Path(__file__).resolve().parent.parent
 SWEEP = {"method": "random", "metric": {"name": "val/loss", "goal": "minimize"},

@@ -15,7 +15,7 @@ from conftest import run_script
 
 import sweep
 import train
-from support import search_records
+from support.search import records as search_records
 
 METHODS = ["grid", "random", "bayes"]
 NAMED = {"name": "val/acc", "goal": "maximize"}

@@ -20,7 +20,7 @@ from conftest import QUICK, REPO, run_script, script_env
 from wandb_records import wait_for_logged
 
 import train
-from support.training import SignalsAtBatchBoundary
+from support.training.callbacks import SignalsAtBatchBoundary
 
 
 def wandb_file(run_dir: str | Path) -> str:

@@ -18,8 +18,8 @@ import pytest
 import wandb
 from conftest import QUICK, REPO, script_env
 
-from support import wandb_access
-from support.wandb_access import agent_problem, choose_mode, has_wandb_credentials, server_problem
+from support.training import wandb_access
+from support.training.wandb_access import agent_problem, choose_mode, has_wandb_credentials, server_problem
 
 KEY = "0123456789abcdef0123456789abcdef01234567"  # key-shaped: 40 characters
 
@@ -189,7 +189,7 @@ def test_a_wandb_service_that_is_gone_does_not_hide_how_the_run_ended(
     with exit 1 and a ConnectionResetError traceback instead of 143)."""
     import wandb
 
-    from support import training
+    from support.training import wandb_logger
 
     class GoneRun:
         dir = str(tmp_path / "wandb" / "offline-run-x" / "files")
@@ -199,7 +199,7 @@ def test_a_wandb_service_that_is_gone_does_not_hide_how_the_run_ended(
 
     monkeypatch.setattr(wandb, "run", GoneRun())
     monkeypatch.setattr(wandb, "finish", finish)
-    training.finish_wandb(exit_code=1)
+    wandb_logger.finish_wandb(exit_code=1)
     assert wandb.run is None
     err = capsys.readouterr().err
     assert "wandb could not close the run (ConnectionResetError: Connection lost)" in err

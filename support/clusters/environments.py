@@ -19,7 +19,8 @@ import shlex
 import sys
 from pathlib import Path
 
-REPO_DIR = Path(__file__).resolve().parent.parent.parent
+from support import REPO_DIR
+
 # PyPI has no torch for ppc64le: there the environment takes the cluster's own (README.md, "Clusters").
 MAKE_ENV = {"ppc64le": "make env TORCH=system"}
 

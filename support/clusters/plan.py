@@ -27,9 +27,9 @@ from support.clusters.environments import (
     torch_version,
 )
 from support.clusters.profiles import Cluster, NodeType, Partition, duration, time_seconds
+from support.data.local_copy import LOCAL_DATA_ENV
+from support.errors import LaunchError
 from support.gpu_check import TORCH_CUDA_BUILDS
-from support.local_data import LOCAL_DATA_ENV
-from support.slurm_jobs import LaunchError
 
 TEMPLATE_TIME = "08:00:00"  # a job's --time where none is given, or the partition's maximum if that is shorter
 RESOURCES = ["partition", "account", "nodes", "ntasks_per_node", "gpus_per_node", "gpu_type", "cpus_per_task", "mem",

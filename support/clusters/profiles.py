@@ -18,9 +18,9 @@ from typing import Any
 
 import tomllib
 
-from support.slurm_jobs import LaunchError
+from support import REPO_DIR
+from support.errors import LaunchError
 
-REPO_DIR = Path(__file__).resolve().parent.parent.parent
 CLUSTERS_FILE = REPO_DIR / "clusters.toml"
 SLURM_TIME = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d{1,2}))?(?::(\d{1,2}))?")  # MM, MM:SS, H:M:S, D-H, D-H:M, D-H:M:S
 

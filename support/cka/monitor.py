@@ -1,7 +1,7 @@
 """CKA around training: `CKAMonitor` (the Lightning callback train.py registers as --cka), the forward hooks it
 records layers with (`LayerRecorder`), its heatmap (`plot_cka_heatmap`), the class-path record every checkpoint
 carries, and the comparison of two checkpoints behind `python cka.py A.ckpt B.ckpt` (`compare_checkpoints`, `main`).
-The numerics live in cka.py, which imports nothing of this.
+The numerics live in support/cka/numerics.py, which imports nothing of this.
 
 Which layers: --cka.layers if given, else the model's `cka_layers` attribute if it has one, else `pick_layers`: the
 model's top-level children that hold parameters (a ModuleList / ModuleDict replaced by its own such children,
@@ -27,10 +27,11 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from cka import MIN_SAMPLES, MinibatchCKA
+from support import REPO_DIR
 from support.atomic import write_atomic
+from support.cka.numerics import MIN_SAMPLES, MinibatchCKA
 from support.errors import SettingError
-from support.runs import require_checkpoint
+from support.run_dir.checks import require_checkpoint
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -38,7 +39,6 @@ if TYPE_CHECKING:
 __all__ = ["CKAMonitor", "LayerOutputError", "LayerRecorder", "choose_layers", "compare_checkpoints",
            "load_recorded", "main", "pick_layers", "plot_cka_heatmap", "record_class_paths"]
 
-REPO_DIR = Path(__file__).resolve().parents[1]
 CLASS_PATHS = "class_paths"  # the checkpoint key of the class-path record
 _NO_FORWARD = (nn.ModuleList, nn.ModuleDict)  # containers without a forward, hence without an output to record
 HOW_TO_CHOOSE = ("choose the layers with --cka.layers='[a, b]' (names as in model.named_modules()) or give the "

@@ -1,10 +1,10 @@
 """One worker of an offline search (slurm_train.py --search starts K of them, as a Slurm job array or here):
 
-    PYTHONPATH=. python -m support.search_worker runs/search-20261202-140000-abc123 --worker 0
+    PYTHONPATH=. python -m support.search.worker runs/search-20261202-140000-abc123 --worker 0
 
 It loops until the search has its count of runs: take a run (its own unfinished one first: a requeued array task
 resumes it with the same directory, checkpoint and wandb id; else a preempted one left by a gone worker; else a new
-one proposed by the engine, see support/search_records.py), train it with train.py in its own run directory
+one proposed by the engine, see support/search/records.py), train it with train.py in its own run directory
 SEARCH_DIR/run-NNNN/, record how it ended, repeat. While train.py runs, the worker refreshes the record's heartbeat;
 train.py itself adds each validation epoch's metric to the record and stops early when hyperband says so.
 
@@ -27,8 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from support.atomic import write_atomic
-from support.packing import free_port, packed
-from support.search_records import (
+from support.search.records import (
     HEARTBEAT_SECONDS,
     RECORD_ENV,
     claim_or_propose,
@@ -39,6 +38,7 @@ from support.search_records import (
     record_path,
     write_record,
 )
+from support.slurm.packing import free_port, packed
 
 
 def die_with_parent() -> None:

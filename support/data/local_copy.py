@@ -21,6 +21,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from support.atomic import write_atomic
+from support.data.checksums import file_checksum
 
 LOCAL_DATA_ENV = "MLMODELDEV_LOCAL_DATA"
 COPY_RECORD = "COPIED"  # beside the copy: its source, the source's identity when copied, and the copy's SHA-256
@@ -64,8 +65,6 @@ def staged(source: Path, fingerprint: str) -> Path:
             except (OSError, ValueError):
                 record = None
             if record is not None and {k: record.get(k) for k in identity} == identity and dest.is_file():
-                from support.downloads import file_checksum  # here: support.downloads imports this module
-
                 whole = dest.stat().st_size == record["size"]
                 if whole and file_checksum(dest, "sha256:") == f"sha256:{record['sha256']}":
                     print(f"data: reading the node-local copy {dest} of {source}", flush=True)

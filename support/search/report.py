@@ -1,5 +1,5 @@
 """train.py's side of an offline search: the run reports each validation epoch's metric into its record and stops
-when hyperband says so (support/search_records.py). Active only when a search worker set SEARCH_RUN_RECORD."""
+when hyperband says so (support/search/records.py). Active only when a search worker set SEARCH_RUN_RECORD."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pytorch_lightning import LightningModule, Trainer
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info
 
-from support.search_records import load_search, report_epoch, report_test
+from support.search.records import load_search, report_epoch, report_test
 
 
 class SearchReport(Callback):

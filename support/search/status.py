@@ -1,4 +1,4 @@
-"""An offline search's progress from its records (support/search_records.py): a table of the runs, best first, a
+"""An offline search's progress from its records (support/search/records.py): a table of the runs, best first, a
 cross-validation table when the runs have folds, and a plot of each run's best value with the running best.
 Light on purpose (no torch; matplotlib only when plotting): sweep.py --status runs on login nodes."""
 
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from support.atomic import write_atomic
-from support.search_records import (
+from support.search.records import (
     IN_FLIGHT,
     SearchError,
     effective_state,

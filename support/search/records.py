@@ -1,5 +1,5 @@
 """An offline search's directory: wandb's sweep engine (the `sweeps` package) driven from one record file per run,
-with no server. slurm_train.py --search creates it; support/search_worker.py runs it; sweep.py --status reads it.
+with no server. slurm_train.py --search creates it; support/search/worker.py runs it; sweep.py --status reads it.
 
     SEARCH_DIR/search.json      the sweep config, the count, the arguments for every run (written once)
     SEARCH_DIR/run-0007.json    run 7's record: settings, state, per-epoch history of the metric, heartbeat
@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from support.atomic import write_atomic
-from support.sweep_space import plain, random_draws
+from support.search.space import plain, random_draws
 
 SEARCH_FILE, LOCK_FILE = "search.json", "search.lock"
 RECORD_ENV = "SEARCH_RUN_RECORD"  # the record of the run train.py is training (set by the worker)

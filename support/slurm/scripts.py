@@ -1,19 +1,18 @@
 """The batch scripts slurm_train.py writes: a grid's (one train.py row per array task) and wandb sweep agents' (one
 agent per task, running sbatch_agent.sh). Each is the cluster's #SBATCH header (support/clusters/plan.py), how to
 submit it again, the cluster's set-up lines and $python, the environment of the architecture the task runs on.
-The offline search's is support/search_launch.py's. Light on purpose (no torch)."""
+The offline search's is support/search/launch.py's. Light on purpose (no torch)."""
 
 from __future__ import annotations
 
 import shlex
 from pathlib import Path
 
+from support import REPO_DIR
 from support.clusters.plan import JobPlan, job_start
-from support.local_rows import LOCAL_TASK_ENV
-from support.packing import RUNS_PER_GPU_ENV, task_count
-from support.slurm_jobs import sbatch_header
-
-REPO_DIR = Path(__file__).resolve().parent.parent
+from support.slurm.jobs import sbatch_header
+from support.slurm.local_rows import LOCAL_TASK_ENV
+from support.slurm.packing import RUNS_PER_GPU_ENV, task_count
 
 
 def script_head(plan: JobPlan, header: list[str], local: bool) -> str:
@@ -59,7 +58,7 @@ print("\\n".join(row["argv"]))' "$grid_dir/grid.json" "$row") || {{ echo "cannot
     launch=(srun --ntasks-per-node="${{SLURM_NTASKS_PER_NODE:-1}}" --kill-on-bad-exit=1)
     if [ "${RUNS_PER_GPU_ENV}" -gt 1 ]; then
       launch+=(--overlap)
-      MASTER_PORT=$("$python" -c 'from support.packing import free_port; print(free_port())') || return 1
+      MASTER_PORT=$("$python" -c 'from support.slurm.packing import free_port; print(free_port())') || return 1
       export MASTER_PORT
     fi
   fi

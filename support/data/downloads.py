@@ -7,7 +7,7 @@ build function's source): a declaration edited since then is rebuilt, not served
 ranks, array tasks, separate jobs) may call it at once: one does the work under a file lock, the others wait and
 then reuse it. A call that finds the marker
 loads nothing and touches no network. In a job whose cluster has node-local scratch, the path returned is a verified
-copy there (support/local_data.py). Every failure is one DownloadError line that names the file, the URLs tried
+copy there (support/data/local_copy.py). Every failure is one DownloadError line that names the file, the URLs tried
 and what to do.
 """
 
@@ -32,7 +32,8 @@ from filelock import FileLock, Timeout
 from pySmartDL import SmartDL
 
 from support.atomic import write_atomic
-from support.local_data import staged
+from support.data.checksums import file_checksum
+from support.data.local_copy import staged
 
 COMPLETE_MARKER = "COMPLETE"  # written last: a dataset directory without it is never trusted
 PROCESSED_FILE = "data.pt"
@@ -110,17 +111,6 @@ def declaration_fingerprint(spec: DatasetDeclaration) -> str:
     for source in source_of(spec.build):
         digest.update(source.encode())
     return "sha256:" + digest.hexdigest()
-
-
-def file_checksum(path: Path, like: str) -> str:
-    """path's checksum with the algorithm of `like` ("sha256:..."), read in blocks: archives run to hundreds of MB
-    (170 MB for the largest the template ships)."""
-    algorithm = like.partition(":")[0]
-    digest = hashlib.new(algorithm, usedforsecurity=False)
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return f"{algorithm}:{digest.hexdigest()}"
 
 
 def fetch(url: str, dest: Path) -> None:

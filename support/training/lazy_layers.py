@@ -3,7 +3,7 @@ with uninitialized parameters ("Modules with uninitialized parameters can't be u
 and Lightning leaves that to the user. MaterializeLazyLayers runs the model once on one real batch, in eval mode and
 without gradients, in the `setup` hook: after the DataModule's setup, before the strategy moves and wraps the model
 and before the optimizer is built (so it sees the real parameters). A resumed run then loads its checkpoint into the
-materialized layers, and its random state comes from the checkpoint as any run's does (support/rng_state.py)."""
+materialized layers, and its random state comes from the checkpoint as any run's does (support/run_dir/rng_state.py)."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ class ResumeRNGState(Callback):
     """Saves the random number generators' states in every checkpoint and puts them back when training resumes,
     so a resumed run draws the same dropout masks and loader seeds as an uninterrupted one (Lightning restores
     weights, optimizer and loops, but not these). Applied when training starts, after the sanity check; the
-    training loader has its own generator (support/resumable.py), so only training steps draw from these.
+    training loader has its own generator (support/run_dir/resumable.py), so only training steps draw from these.
 
     Each process has its own states (torch's CPU generator, numpy's, Python's, and its current GPU's), and its own
     dropout draws: under DDP they are gathered into the checkpoint, one entry per rank (saving a checkpoint is

@@ -9,9 +9,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-
-class LaunchError(ValueError):
-    """A problem found before anything was written or submitted; the message is one line."""
+from support.errors import LaunchError
 
 
 def sbatch_header(name: str, array: str | None, comment: str, res: dict[str, Any], log: str) -> list[str]:

@@ -10,11 +10,11 @@ import os
 import re
 import urllib.error
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 import tomllib
 
+from support import REPO_DIR
 from support.errors import SettingError
 
 WANDB_MODES = ("online", "offline", "disabled", "dryrun", "run", "shared")  # what wandb's settings accept
@@ -33,7 +33,7 @@ def current_settings() -> Any:
     return _WandbSetup(pid=os.getpid()).settings
 
 
-PROJECT_SETTINGS = Path(__file__).resolve().parent.parent / "project.toml"  # made by `copier copy` (copier.yml)
+PROJECT_SETTINGS = REPO_DIR / "project.toml"  # made by `copier copy` (copier.yml)
 
 
 def project_settings() -> dict[str, Any]:
@@ -52,7 +52,7 @@ def default_project() -> str:
     """WANDB_PROJECT, else project.toml's, else the name of this clone's directory: each project a researcher
     makes of the template logs to its own wandb project without configuring one."""
     return (os.environ.get("WANDB_PROJECT") or project_settings().get("project")
-            or Path(__file__).resolve().parent.parent.name)
+            or REPO_DIR.name)
 
 
 def default_entity() -> str | None:

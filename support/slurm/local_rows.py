@@ -26,7 +26,7 @@ from typing import Any
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36  # <linux/prctl.h>
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 GRACE_SECONDS = 120.0  # how long a stopped row may take to save its checkpoint before it is killed
-# The run directory's one-writer lock (support/run_directory.py, whose constants these are) and its holder.
+# The run directory's one-writer lock (support/run_dir/writer.py, whose constants these are) and its holder.
 WRITER_LOCK, WRITER = ".writer.lock", ".writer"
 
 
@@ -165,7 +165,7 @@ def stop_orphans(grid_dir: Path) -> str | None:
         except OSError:
             continue
         if int(proc.name) != os.getpid() and (str(grid_dir / "job.sbatch") in args or (
-                "support.search_worker" in args and str(grid_dir) in args)):
+                "support.search.worker" in args and str(grid_dir) in args)):
             print(f"stopping pid {proc.name} ({' '.join(args).strip()[:120]}) left running by an earlier launcher",
                   flush=True)
             os.kill(int(proc.name), signal.SIGTERM)

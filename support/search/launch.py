@@ -1,5 +1,5 @@
 """slurm_train.py --search: the search directory's settings and its batch script (K workers, one array task each).
-The workers are support/search_worker.py; the records they share, support/search_records.py."""
+The workers are support/search/worker.py; the records they share, support/search/records.py."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from support.local_rows import LOCAL_TASK_ENV
-from support.packing import RUNS_PER_GPU_ENV
-from support.search_records import IN_FLIGHT, create_search, load_search, read_records
+from support import REPO_DIR
+from support.search.records import IN_FLIGHT, create_search, load_search, read_records
+from support.slurm.local_rows import LOCAL_TASK_ENV
+from support.slurm.packing import RUNS_PER_GPU_ENV
 
-REPO_DIR = Path(__file__).resolve().parent.parent
 # The worker sets these for every run; given after `--` they would break a run's place in the search.
 WORKER_ARGUMENTS = ("--run_dir", "--ckpt_path", "--wandb.group")
 
@@ -37,10 +37,10 @@ def new_search(search_dir: Path, sweep: dict[str, Any], count: int, seed: int, e
 
 
 def render_search_script(search_dir: Path, head: str, runs_per_gpu: int = 1) -> str:
-    """The workers' batch script; `head`: its #SBATCH header, set-up and $python (support/job_scripts.py). Each array
+    """The workers' batch script; `head`: its #SBATCH header, set-up and $python (support/slurm/scripts.py). Each array
     task runs `runs_per_gpu` workers at once (worker task*K + j, each logging to worker-<n>.out)."""
     q = shlex.quote
-    worker = f'"$python" -m support.search_worker {q(str(search_dir))} --worker'
+    worker = f'"$python" -m support.search.worker {q(str(search_dir))} --worker'
     if runs_per_gpu == 1:
         run = f'exec {worker} "$task"\n'
     else:

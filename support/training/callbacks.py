@@ -1,5 +1,7 @@
-"""The machinery train.py wires in: wandb logging that falls back to offline, progress lines for log files, exact
-resume (random states), requeue at a batch boundary, run directories, the git commit, one-line errors.
+"""The callbacks train.py adds to every Trainer (`machinery_callbacks`): progress lines for log files, signals acted
+on at a batch boundary (requeue, SIGTERM), an early check that the monitored metrics are logged, last.ckpt at every
+validation, plus the ones of the other concerns (random states and data position for exact resume, lazy layers,
+the stop at a non-finite value, an offline search's report).
 
 None of it names the example model or data; train.py's first lines choose those.
 """
@@ -8,129 +10,25 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from pytorch_lightning import LightningModule, Trainer
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint, ProgressBar, TQDMProgressBar
-from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from pytorch_lightning.loggers import WandbLogger
-from pytorch_lightning.loggers.logger import rank_zero_experiment
-from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from support.atomic import write_atomic
-from support.divergence import StopOnNonFinite
-from support.errors import SettingError
-from support.lazy_layers import MaterializeLazyLayers
-from support.resumable import ExactEpochMeans, ResumableTrainingData
-from support.rng_state import ResumeRNGState
-from support.run_directory import CONFIG_FILE, record_config, rerunnable
-from support.runs import wandb_run_id
-from support.search_records import RECORD_ENV
-from support.search_report import SearchReport
-from support.wandb_access import choose_mode, default_entity, default_project, plain_reason
-
-REPO_DIR = Path(__file__).resolve().parent.parent
-
-
-@rank_zero_only
-def warn(message: str) -> None:
-    """One plain line on stderr, from rank 0 only: what a researcher reads in a SLURM log (Python's warnings add the
-    file, line and source line, which say nothing to them)."""
-    print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
-class FallbackWandbLogger(WandbLogger):
-    """A WandbLogger that falls back to offline logging, with one warning, when wandb cannot start online."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        # Private: WandbLogger keeps wandb.init's arguments in _wandb_init and the run in _experiment; the fallback
-        # changes the mode and starts again. tests/test_private_names.py fails clearly if an upgrade renames them.
-        self._wandb_init.pop("anonymous", None)  # deprecated in wandb: passing it only prints a warning
-
-    @property
-    @rank_zero_experiment
-    def experiment(self):  # type: ignore[override]
-        import wandb
-
-        try:
-            return super().experiment
-        except Exception as err:  # wandb.Error, or the service's own errors (timeouts, refused credentials)
-            if self._wandb_init.get("mode") == "offline":
-                raise
-            warn(f"wandb could not start online ({type(err).__name__}: {plain_reason(err)}); logging "
-                 f"offline instead. Upload later with `wandb sync {self.save_dir}/wandb/offline-run-*`.")
-            # The failed online run stays registered in wandb's service, which then refuses the same run id
-            # ("run ID ... is in use"): stop the service, so the offline run starts a fresh one.
-            wandb.teardown()
-            self._wandb_init["mode"] = "offline"
-            self._experiment = None
-            return super().experiment
-
-
-@dataclass
-class WandbOptions:
-    """wandb settings (entity and project also follow WANDB_ENTITY / WANDB_PROJECT)."""
-
-    project: str = field(default_factory=default_project)  # WANDB_PROJECT, else project.toml's, else the directory's
-    entity: str | None = field(default_factory=default_entity)  # WANDB_ENTITY, else project.toml's, else wandb's
-    name: str | None = None
-    tags: list[str] = field(default_factory=list)
-    group: str | None = None  # runs shown together (an offline search puts its runs in the search's group)
-    mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: WANDB_MODE, else online iff logged in
-    init_timeout: float = 60.0  # seconds to wait for the server before falling back to offline
-
-
-def wandb_logger(options: WandbOptions, run_dir: Path) -> FallbackWandbLogger:
-    """The run's wandb logger: online when there are credentials and the server answers, else offline (one warning
-    saying why); the run id kept in the run directory, so a resumed run continues the same wandb run."""
-    if os.environ.get("WANDB_MODE") == "":  # wandb's own settings reject an empty one ("1 validation error")
-        os.environ.pop("WANDB_MODE")
-    mode, problem = choose_mode(options.mode, options.init_timeout)
-    if os.environ.get("WANDB_RUN_ID") and not os.environ.get("WANDB_SWEEP_ID"):  # a sweep agent's is meant
-        warn(f"WANDB_RUN_ID={os.environ['WANDB_RUN_ID']} is set outside a wandb sweep: this run logs into that wandb "
-             "run, as does every other run started with it; unset WANDB_RUN_ID unless that is meant")
-    if problem:
-        warn(f"wandb: {problem}; logging offline into {run_dir}/wandb instead. Upload later with "
-             f"`wandb sync {run_dir}/wandb/offline-run-*`.")
-    return FallbackWandbLogger(
-        project=options.project, entity=options.entity, name=options.name or run_dir.name, tags=options.tags or None,
-        group=options.group,
-        save_dir=str(run_dir), id=wandb_run_id(run_dir), resume="allow", mode=mode,
-        settings=init_settings(options.init_timeout))
-
-
-def finish_wandb(exit_code: int | None = None) -> None:
-    """Closes this process's wandb run, if any. When wandb's service has already gone (Slurm's scancel or requeue
-    signals every process of the job step at once: wandb-core may end before train.py has saved), one line says so
-    instead of a traceback that would hide how the run ended; what was logged is in the run's wandb/ directory."""
-    import wandb
-
-    if wandb.run is None:
-        return
-    directory = wandb.run.dir
-    try:
-        wandb.finish(exit_code=exit_code)
-    except Exception as err:  # ConnectionResetError, BrokenPipeError: the service process is gone
-        warn(f"wandb could not close the run ({type(err).__name__}: {plain_reason(err)}); what it logged is in "
-             f"{Path(directory).parent}")
-        wandb.run = None  # the next main() in this process starts its own run
-
-
-def init_settings(init_timeout: float) -> Any:
-    import wandb
-
-    # git_root: wandb records the commit of this repository, not of the run directory it writes into.
-    return wandb.Settings(init_timeout=init_timeout, silent=True, git_root=str(REPO_DIR))
+from support.errors import SettingError, warn
+from support.run_dir.resumable import ExactEpochMeans, ResumableTrainingData
+from support.run_dir.rng_state import ResumeRNGState
+from support.search.records import RECORD_ENV
+from support.search.report import SearchReport
+from support.training.divergence import StopOnNonFinite
+from support.training.lazy_layers import MaterializeLazyLayers
 
 
 class LogLineProgress(ProgressBar):
@@ -235,7 +133,7 @@ class SignalsAtBatchBoundary(Callback):
 
     def _save_last(self, trainer: Trainer) -> None:
         path = Path(self.checkpoint_dir) / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
-        # Collective under DDP; rank 0 writes, through the Trainer's AtomicCheckpointIO (support/run_directory.py),
+        # Collective under DDP; rank 0 writes, through the Trainer's AtomicCheckpointIO (support/run_dir/writer.py),
         # so a kill during the save leaves the previous last.ckpt whole.
         trainer.save_checkpoint(path)
         warn(f"stopped by SIGTERM at epoch {trainer.current_epoch}, step {trainer.global_step}; saved {path}: "
@@ -298,74 +196,8 @@ def machinery_callbacks(checkpoint_dir: str, monitors: dict[str, str | None], pr
     callbacks = [ResumeRNGState(), SignalsAtBatchBoundary(checkpoint_dir), ResumableTrainingData(), ExactEpochMeans(),
                  LatestCheckpoint(checkpoint_dir), MonitoredMetricCheck(monitors), MaterializeLazyLayers(),
                  StopOnNonFinite([*monitors.values()])]
-    if record := os.environ.get(RECORD_ENV):  # a run of an offline search (support/search_worker.py)
+    if record := os.environ.get(RECORD_ENV):  # a run of an offline search (support/search/worker.py)
         callbacks.append(SearchReport(Path(record)))
     if progress:
         callbacks.append(TQDMProgressBar() if sys.stdout.isatty() else LogLineProgress())
     return callbacks
-
-
-def git_commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_DIR, capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_DIR,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
-
-
-class SaveConfigAndLog(SaveConfigCallback):
-    """Records the run's settings in its directory (config.yaml once; a resume that changed them adds
-    config.resume-N.yaml, see support/run_directory.py) and in the logger, with the seed and the git commit, so every
-    wandb run says exactly what produced it. Lightning's own saving (save_to_log_dir) is off: it overwrote
-    config.yaml at every start, so a failed resume with the wrong settings destroyed the run's only record."""
-
-    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:  # rank 0 only
-        run_dir = Path(trainer.default_root_dir)
-        dumped = self.parser.dump(self.config, skip_none=False)
-        resumed_from = self.config.get("ckpt_path")
-        written = record_config(run_dir, dumped, f"resumed from {resumed_from}" if resumed_from else
-                                "started again in this directory")
-        if isinstance(trainer.logger, WandbLogger):
-            id_file = run_dir / "wandb_id"
-            if not id_file.exists():
-                write_atomic(id_file, trainer.logger.version + "\n")
-        if trainer.logger is not None:
-            extra = {"git_commit": git_commit(), "run_dir": str(run_dir)}
-            if written is not None and written.name != CONFIG_FILE:  # the wandb config says what the resume changed
-                extra["resumed_with"] = written.name
-            trainer.logger.log_hyperparams({**rerunnable(dumped), **extra})
-
-
-class _Parsed(Exception):  # noqa: N818 (not an error: how the parse-only CLI hands its config back)
-    def __init__(self, config: Any) -> None:
-        self.config = config
-
-
-def parse_only(cli_class: type[LightningCLI], args: Any, **setup: Any) -> Any:
-    """The config that `cli_class(args=args, **setup)` would run with, after all of its checks, the constructors'
-    own included (dropout 1.5, batch size -64), without training, data or memory: LightningCLI's public
-    parse_arguments hook hands the config back after the model, DataModule and callbacks were built on the meta
-    device (their constructors load no data by Lightning's convention: that is prepare_data's and setup's job)."""
-
-    class ParseOnly(cli_class):  # type: ignore[valid-type, misc]
-        def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-            super().parse_arguments(parser, args)
-            with torch.device("meta"):
-                parser.instantiate_classes(self.config)
-            raise _Parsed(self.config)
-
-    try:
-        ParseOnly(args=args, **setup)
-    except _Parsed as parsed:
-        return parsed.config
-    raise AssertionError("unreachable: parse_arguments always raises _Parsed")
-
-
-def quiet_known_warnings() -> None:
-    import warnings
-
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")  # in-memory data needs none
-    warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")  # Lightning's, not yours

@@ -1,5 +1,5 @@
 """What a sweep's parameters span, apart from train.py: the size of their grid, and random draws that repeat no point
-while the space has unseen ones. sweep.py (--list --samples) and the offline search (support/search_records.py) both
+while the space has unseen ones. sweep.py (--list --samples) and the offline search (support/search/records.py) both
 draw through random_draws, so the two cannot disagree."""
 
 from __future__ import annotations

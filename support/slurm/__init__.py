@@ -1,0 +1,13 @@
+"""Slurm submission: what slurm_train.py writes and submits for grids, searches and wandb agents, and runs with
+--local without Slurm.
+
+    jobs.py        the #SBATCH header, --array values, sbatch, the jobs Slurm still lists
+    scripts.py     the job scripts of grids and agents (one array task runs one row, or K rows with --runs-per-gpu)
+    packing.py     several runs per GPU: rows per task, a free DDP port per run, out-of-memory as one line
+    local_rows.py  --local: the rows run on this machine, stopped together, no orphans
+    options.py     slurm_train.py's command line
+
+Imports: support.clusters (the profile a job is checked against), support.errors. Must not import support.search or
+support.training (both import this package), or any script of the repository's root. No torch: it is used before
+anything heavy loads.
+"""
