@@ -254,7 +254,7 @@ def test_sbatch_agent_sh_header_is_the_generic_clusters():
 
 
 def test_the_readmes_partition_table_is_clusters_toml():
-    assert partition_table(load_clusters()) in (REPO / "README.md").read_text()
+    assert partition_table(load_clusters()) in (REPO / "docs" / "clusters.md").read_text()
 
 
 @pytest.mark.parametrize("edit, words", [
@@ -272,7 +272,7 @@ def test_a_mistake_in_clusters_toml_is_one_line_naming_the_key(edit: tuple[str, 
 
 
 def test_the_readmes_example_cluster_is_one_entry_that_works(homes: Path, tmp_path: Path):
-    entry = re.search(r"```toml\n(.*?)```", (REPO / "README.md").read_text(), re.S).group(1)
+    entry = re.search(r"```toml\n(.*?)```", (REPO / "docs" / "clusters.md").read_text(), re.S).group(1)
     (tmp_path / "clusters.toml").write_text((REPO / "clusters.toml").read_text() + entry)
     lab = load_clusters(tmp_path / "clusters.toml").get("lab")
     job = plan.plan_job(lab, {"gpus_per_node": 4, "gpu_type": "a100", "time": "2-00:00:00"})

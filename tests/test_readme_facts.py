@@ -65,3 +65,70 @@ def test_the_readme_states_how_many_tests_each_tier_has() -> None:
     readme = " ".join((REPO / "README.md").read_text().split())
     fact = f"the fast tier: {fast} of the {everything} tests"
     assert fact in readme, f"README.md is out of date; it should say: {fact}"
+
+
+# README.md is the newcomer's path, docs/ the reference: the README stays short, every relative link in either
+# resolves (to a file, and for `page.md#anchor` to a heading of that page), and every docs page is reachable.
+README_MAX_LINES = 400
+DOCS = REPO / "docs"
+MAINTAINERS_ONLY = {"template.md"}  # copier.yml keeps it out of projects; README links it as the maintainers' page
+
+
+def pages() -> list:
+    return [REPO / "README.md", *sorted(DOCS.glob("*.md"))]
+
+
+def prose(text: str) -> str:
+    """The text without fenced code blocks and inline code, where `#` and `[x](y)` are not Markdown."""
+    text = re.sub(r"^```.*?^```[^\n]*$", "", text, flags=re.MULTILINE | re.DOTALL)
+    return re.sub(r"`[^`]*`", "", text)
+
+
+def anchors(path) -> set[str]:
+    """The GitHub-style anchors of a page's headings: lower case, punctuation dropped, spaces to hyphens,
+    repeats numbered (`name`, `name-1`, ...)."""
+    seen: dict[str, int] = {}
+    found = set()
+    fenced = False
+    for line in path.read_text().splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        heading = re.match(r"#{1,6} (.*)", line)
+        if fenced or not heading:
+            continue
+        slug = re.sub(r"[^\w\- ]", "", heading.group(1).strip().lower()).replace(" ", "-")
+        found.add(f"{slug}-{seen[slug]}" if slug in seen else slug)
+        seen[slug] = seen.get(slug, 0) + 1
+    return found
+
+
+def relative_links(path) -> list[str]:
+    targets = re.findall(r"\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)", prose(path.read_text()))
+    return [target for target in targets if not re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*:", target)]
+
+
+def test_the_readme_is_at_most_400_lines() -> None:
+    count = len((REPO / "README.md").read_text().splitlines())
+    assert count <= README_MAX_LINES, (f"README.md has {count} lines, over {README_MAX_LINES}: it is the newcomer's "
+                                       "path; move reference text into a docs/ page and link it from 'Read more'")
+
+
+def test_every_relative_link_in_the_readme_and_docs_resolves() -> None:
+    broken = []
+    for page in pages():
+        for target in relative_links(page):
+            file, _, anchor = target.partition("#")
+            linked = (page.parent / file).resolve() if file else page
+            if not linked.exists():
+                broken.append(f"{page.relative_to(REPO)}: {target} (no file {file})")
+            elif anchor and linked.suffix == ".md" and anchor not in anchors(linked):
+                broken.append(f"{page.relative_to(REPO)}: {target} (no heading #{anchor} in {linked.name})")
+    assert not broken, "broken links:\n" + "\n".join(broken)
+
+
+def test_every_docs_page_is_linked_from_the_readme() -> None:
+    readme = REPO / "README.md"
+    linked = {(readme.parent / target.partition("#")[0]).resolve() for target in relative_links(readme)}
+    unlinked = [page.name for page in sorted(DOCS.glob("*.md"))
+                if page.name not in MAINTAINERS_ONLY and page.resolve() not in linked]
+    assert not unlinked, f"docs pages that README.md's 'Read more' does not link: {', '.join(unlinked)}"
