@@ -12,9 +12,9 @@
 #                         answers reused (UPDATE_OPTIONS="--data key=value" changes one), conflicts inline, listed
 # Also: make check (your model through the template's contracts, ~1 min), make lint, make bench, make gpu-check (on a GPU node), make env (only the environment), make clean-env.
 # Variables: VENV=path (its place), PYTHON=python3.11, BOOTSTRAP_UV=0 (never install uv: pip unless uv is on PATH),
-# MLMODELDEV_HOME=dir (environments and uv's and pip's caches there, not in ~/.cache: README.md, "Clusters"),
-# TORCH=system (keep the torch that PYTHON already imports, for POWER9: README.md, "Environment"), TORCH_CUDA=cu126
-# (the lock's torch in that CUDA build, from the PyTorch index: V100s, drivers older than CUDA 13; README.md, "GPUs").
+# MLMODELDEV_HOME=dir (environments and uv's and pip's caches there, not in ~/.cache: docs/clusters.md, "Where things go"),
+# TORCH=system (keep the torch that PYTHON already imports, for POWER9: docs/environment.md), TORCH_CUDA=cu126
+# (the lock's torch in that CUDA build, from the PyTorch index: V100s, drivers older than CUDA 13; docs/gpus.md).
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -113,7 +113,7 @@ if [ -n "$(TORCH_CUDA)" ]; then
   # The lock's torch and torchvision in another CUDA build (+cu126): the rest of the lock without torch's CUDA
   # libraries (those of CUDA 13), then these two from the PyTorch index with the libraries of their own CUDA.
   [[ "$(TORCH_CUDA)" =~ ^(cu[0-9]+|cpu)$$ ]] && [ "$(TORCH)" != system ] ||
-    { echo "error: TORCH_CUDA=$(TORCH_CUDA): give a build of torch (cu126, cu130, cpu: README.md, GPUs), without TORCH=system" >&2; exit 1; }
+    { echo "error: TORCH_CUDA=$(TORCH_CUDA): give a build of torch (cu126, cu130, cpu: docs/gpus.md), without TORCH=system" >&2; exit 1; }
   torch_pins=$$(sed -nE 's/^(torch|torchvision)==([^ ;+]+).*/\1==\2+$(TORCH_CUDA)/p' $(LOCK) | paste -sd ' ')
   install_options=--no-deps
 fi

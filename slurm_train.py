@@ -23,9 +23,9 @@ Every row is checked as train.py would check it (constructors included), and the
 (clusters.toml: time, GPUs, account, GPU type, the torch of the environment for the partition's architecture),
 before anything is written or submitted.
 A search (--search) writes search.json, job.sbatch (K workers, support/search/worker.py), worker-<i>.out, and per run
-run-NNNN.json (its record), run-NNNN.out and run-NNNN/; see README.md, "Offline search". With --runs-per-gpu K each
-array task runs K rows (or workers) at once and logs to task-<t>.out (support/slurm/packing.py; README.md,
-"Several small runs on one GPU").
+run-NNNN.json (its record), run-NNNN.out and run-NNNN/; see docs/sweeps.md, "Offline search". With --runs-per-gpu K each
+array task runs K rows (or workers) at once and logs to task-<t>.out (support/slurm/packing.py; docs/slurm.md,
+"Packing several small runs on one GPU").
 """
 
 from __future__ import annotations

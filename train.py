@@ -48,15 +48,8 @@ from support import gpu_check
 from support.cka.monitor import CKAMonitor
 from support.data.downloads import DownloadError
 from support.errors import SettingError, one_line
-from support.run_dir.checks import (
-    check_run_dir_and_checkpoint,
-    checkpoint_file,
-    default_run_name,
-    require_training,
-    slurm_job_mismatch,
-)
+from support.run_dir import checks, writer
 from support.run_dir.config import require_fit, with_saved_settings
-from support.run_dir.writer import one_writer, with_atomic_checkpoints
 from support.slurm import packing
 from support.training import class_choice, linking
 from support.training.callbacks import LatestCheckpoint, machinery_callbacks, stopped_by_signal
@@ -119,17 +112,17 @@ class TrainCLI(LightningCLI):
             warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python")
             super().parse_arguments(parser, args)
         chosen = self.config.run_dir or self.config.trainer.default_root_dir or os.environ.get(RUN_DIR_ENV)
-        self.run_dir = Path(chosen or Path("runs") / default_run_name()).resolve()
+        self.run_dir = Path(chosen or Path("runs") / checks.default_run_name()).resolve()
         # Before anything is written; a CLI that records nothing (evaluate.py) only reads the run directory.
-        check_run_dir_and_checkpoint(self.run_dir, self.config.ckpt_path, self.save_config_callback is not None)
+        checks.check_run_dir_and_checkpoint(self.run_dir, self.config.ckpt_path, self.save_config_callback is not None)
         if self.save_config_callback is not None and not self.config.ckpt_path:  # a resume's is checked on loading
-            require_training(self.config.trainer)
+            checks.require_training(self.config.trainer)
         # A resume continues with the run's own config.yaml, the arguments given on top (support/run_dir/config.py).
         self.config, self.changed = with_saved_settings(parser, self.config, args, self.run_dir)
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
-        if checkpoint := checkpoint_file(self.run_dir, self.config.ckpt_path):  # it must load: checked now
+        if checkpoint := checks.checkpoint_file(self.run_dir, self.config.ckpt_path):  # it must load: checked now
             require_fit(self.model, checkpoint, self.changed, self.run_dir,
                                       self.config.trainer.max_epochs)
 
@@ -145,7 +138,7 @@ class TrainCLI(LightningCLI):
             progress=init.trainer.enable_progress_bar is not False)
         if init.trainer.logger in (None, True):  # not set by the user: our default wandb logger
             kwargs["logger"] = wandb_logger(self.config.wandb, self.run_dir)
-        kwargs["plugins"] = with_atomic_checkpoints(init.trainer.plugins)
+        kwargs["plugins"] = writer.with_atomic_checkpoints(init.trainer.plugins)
         try:
             trainer = super().instantiate_trainer(callbacks=callbacks, default_root_dir=str(self.run_dir), **kwargs)
         except RuntimeError as err:  # Lightning's check of the SLURM_* variables, before ours below could run
@@ -154,7 +147,7 @@ class TrainCLI(LightningCLI):
             raise SettingError(f"{str(err).splitlines()[0]} (SLURM_NTASKS={os.environ.get('SLURM_NTASKS')}; outside "
                                "a Slurm job, unset the SLURM_* variables)") from None
         LatestCheckpoint.after_the_others(trainer)
-        if SLURMEnvironment.detect() and (problem := slurm_job_mismatch(trainer.num_devices, trainer.num_nodes)):
+        if SLURMEnvironment.detect() and (problem := checks.slurm_job_mismatch(trainer.num_devices, trainer.num_nodes)):
             raise ValueError(problem)
         return trainer
 
@@ -225,7 +218,7 @@ def main(args: list[str] | dict[str, Any] | None = None) -> dict[str, Any]:
         try:
             # One run writes into a run directory at a time: the first process holds it (DDP ranks share it). A run
             # that fails before its first training step takes the directory it made away again, wandb run included.
-            with one_writer(cli.run_dir, untrained=lambda: cli.trainer.global_step == 0) \
+            with writer.one_writer(cli.run_dir, untrained=lambda: cli.trainer.global_step == 0) \
                     if cli.trainer.is_global_zero else contextlib.nullcontext():
                 try:
                     with stopped_by_signal():  # SIGTERM: last.ckpt saved, exit status 143

@@ -5,7 +5,7 @@
 
 Every constructor argument is a command-line option (--data.NAME). A property the model's constructor also takes
 (num_classes, in_channels: train.py's LINKED) is handed to the model. Return plain DataLoaders: under train.py a
-seeded, resumable sampler goes into the training one. README.md, "Make it your own" and "Datasets" (downloads,
+seeded, resumable sampler goes into the training one. README.md, "Make it your own", and docs/datasets.md (downloads,
 checksums and file locks for real datasets: support/data/downloads.py).
 """
 

@@ -5,7 +5,8 @@
 
 Every constructor argument is a command-line option (--model.NAME); num_classes comes from the DataModule
 (train.py's LINKED). The optimizer is the CLI's (--optimizer.lr=3e-4) unless you define configure_optimizers.
-Log the metric that train.py's MONITOR names ("val/loss" to begin with). README.md, "Make it your own".
+Log the metric that train.py's MONITOR names ("val/loss" to begin with). README.md, "Make it your own", and
+docs/your-code.md.
 """
 
 from __future__ import annotations

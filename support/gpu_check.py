@@ -35,7 +35,7 @@ TORCH_CUDA_BUILDS: dict[str, dict[str, frozenset[int]]] = {
     "cu134": {"x86_64": frozenset({75, 80, 86, 90, 100, 120}), "aarch64": frozenset({80, 90, 100, 110, 120})},
 }
 PYPI_BUILD = "cu130"  # the build PyPI serves, which the lock installs
-HOW_TO_INSTALL = "README.md, \"GPUs\""
+HOW_TO_INSTALL = "docs/gpus.md"
 
 
 @dataclass(frozen=True)

@@ -113,7 +113,7 @@ def test_hec_without_a_gpu_type_takes_any_gpu_when_the_torch_can_drive_a_v100(ho
     (["--cluster", "hec", "--partition", "gpu-xl"], "has no such partition"),
     (["--cluster", "jade"], "not in"),
     # The running torch here is PyPI's CUDA 13.0 build, which a V100 cannot run (HEC: "no CUDA 13").
-    (["--cluster", "hec"], "make env TORCH_CUDA=cu126 on an x86_64 machine (README.md, GPUs), or ask for the other "
+    (["--cluster", "hec"], "make env TORCH_CUDA=cu126 on an x86_64 machine (docs/gpus.md), or ask for the other "
                            "GPUs: --gpu-type nvidia_h200_nvl"),
 ])
 def test_limits_are_refused_in_one_line_before_anything_is_written(argv: list[str], words: str, homes: Path,

@@ -92,7 +92,7 @@ def test_train_py_stops_before_training_with_one_line_unless_the_accelerator_is_
 
 def test_the_builds_are_those_torch_itself_lists():
     """TORCH_CUDA_BUILDS copies torch's own table of its release builds: an upgrade of torch that changes it fails here
-    (then update the table and README.md, "GPUs")."""
+    (then update the table and docs/gpus.md)."""
     releases = torch.cuda.PYTORCH_RELEASES_CODE_CC  # {"12.6": {"x86_64": {50, ...}, "aarch64": {...}}, ...}
     assert {f"cu{version.replace('.', '')}": {arch: frozenset(codes) for arch, codes in by_arch.items()}
             for version, by_arch in releases.items()} == TORCH_CUDA_BUILDS

@@ -19,8 +19,8 @@ MAX_TOP_MODULES = 12  # issue 30: "at most ~12 modules directly in support/"
 
 def project_files() -> list[Path]:
     """The project's own Python: the root's scripts, support/, tests/ and benchmarks/."""
-    folders = [REPO.glob("*.py"), SUPPORT.rglob("*.py"), (REPO / "tests").glob("*.py"), (REPO / "benchmarks").glob("*.py")]
-    return sorted(path for folder in folders for path in folder)
+    folders = [REPO, SUPPORT, REPO / "tests", REPO / "benchmarks"]
+    return sorted({path for folder in folders for path in (folder.rglob if folder == SUPPORT else folder.glob)("*.py")})
 
 
 def imported_names(tree: ast.AST) -> list[tuple[str, int]]:

@@ -64,7 +64,7 @@ def test_a_resume_with_no_arguments_continues_with_the_runs_own_settings_exactly
     train.main(args + ["--run_dir=full"])
     cli = train.build_cli(args + ["--run_dir=stopped"])
     cli.trainer.callbacks.append(StopAfterEpochs(2))
-    with train.one_writer(cli.run_dir):
+    with train.writer.one_writer(cli.run_dir):
         train.fit_and_test(cli)
     first_config = Path("stopped/config.yaml").read_bytes()
     capsys.readouterr()

@@ -22,8 +22,8 @@ import torch  # noqa: E402
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint  # noqa: E402
 from toy import ToyClassifier, ToyData  # noqa: E402
 
-from support.run_dir.writer import AtomicCheckpointIO  # noqa: E402
 from support.run_dir.resumable import ResumableTrainingData  # noqa: E402
+from support.run_dir.writer import AtomicCheckpointIO  # noqa: E402
 from support.training.callbacks import ResumeRNGState, SignalsAtBatchBoundary, stopped_by_signal  # noqa: E402
 
 

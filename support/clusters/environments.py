@@ -21,7 +21,7 @@ from pathlib import Path
 
 from support import REPO_DIR
 
-# PyPI has no torch for ppc64le: there the environment takes the cluster's own (README.md, "Clusters").
+# PyPI has no torch for ppc64le: there the environment takes the cluster's own (docs/clusters.md, "POWER9").
 MAKE_ENV = {"ppc64le": "make env TORCH=system"}
 
 
@@ -103,7 +103,7 @@ def job_preamble(home: Path, login: dict[str, str]) -> str:
     cases = "\n".join(f"  {q(a)}) echo {q(missing_environment(a, home, where))} >&2; exit 1 ;;"
                       for a, where in sorted(login.items()) if a != arch)
     fallback = q(missing_environment("ARCH", home, "")).replace("ARCH", "'\"$arch\"'")
-    return f"""# The environment for this node's architecture (README.md, "Clusters"): a job may run on another than the
+    return f"""# The environment for this node's architecture (docs/clusters.md): a job may run on another than the
 # machine that submitted it (Bede: ppc64le and aarch64 nodes share the filesystem).
 arch=${{MLMODELDEV_ARCH:-$(uname -m)}}
 python=

@@ -125,7 +125,7 @@ def _candidates(plan: JobPlan) -> list[NodeType]:
                           f"types to ask for (its nodes: {_models(partition.nodes)}): drop --gpu-type")
     if wanted not in types:
         raise LaunchError(f"--gpu-type {wanted}: {plan.cluster.name}'s {partition.name} partition has "
-                          f"{', '.join(types)}: give one of those (README.md, \"Clusters\")")
+                          f"{', '.join(types)}: give one of those (docs/clusters.md)")
     return [n for n in partition.nodes if n.gres_type == wanted]
 
 
@@ -187,7 +187,7 @@ def _torch_problem(plan: JobPlan) -> str | None:
         fix = f"load a PyTorch built for CUDA 12 or older on an {partition.arch} machine, then " \
               f"{MAKE_ENV[partition.arch]}"
     else:
-        fix = f"build that environment with make env TORCH_CUDA=cu126 on an {partition.arch} machine (README.md, GPUs)"
+        fix = f"build that environment with make env TORCH_CUDA=cu126 on an {partition.arch} machine (docs/gpus.md)"
     return (f"{plan.cluster.name}'s {partition.name} partition may run this job on {bad}, which torch {version} in "
             f"{env} cannot drive ({unusable[0][1]}): {fix}"
             + (f", or ask for the other GPUs: --gpu-type {good[0]}" if good else ""))

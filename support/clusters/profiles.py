@@ -119,7 +119,7 @@ class Clusters:
     def get(self, key: str) -> Cluster:
         if key not in self.clusters:
             raise LaunchError(f"--cluster {key}: not in {self.path} (it has {', '.join(self.clusters)}); add a "
-                              f"[clusters.{key}] table there (README.md, \"Clusters\")")
+                              f"[clusters.{key}] table there (docs/clusters.md, \"Add your cluster\")")
         return self.clusters[key]
 
 
@@ -218,7 +218,8 @@ def load_clusters(path: str | Path | None = None) -> Clusters:
 
 
 def partition_table(clusters: Clusters) -> str:
-    """The known partitions as a Markdown table (README.md, "Clusters", is this table: a test compares them)."""
+    """The known partitions as a Markdown table (docs/clusters.md, "The partitions", is this table: a test compares
+    them)."""
     rows = ["| cluster | partition | arch | GPUs per node | default / max time | per user | submit | source |",
             "|---|---|---|---|---|---|---|---|"]
     for cluster in clusters.clusters.values():

@@ -48,7 +48,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--mem", help="memory per node (default: the cluster's, 16G; none where GPUs bring memory)")
     p.add_argument("--runs-per-gpu", type=int, default=1, metavar="K",
                    help="K rows (or search workers) at once in each array task, sharing its GPU(s): ceil(rows / K) "
-                        "tasks; --max-concurrent counts tasks (default 1; see README.md, \"Packing\")")
+                        "tasks; --max-concurrent counts tasks (default 1; see docs/slurm.md)")
     p.add_argument("--no-local-data", action="store_true", help="read datasets from where they were prepared, not "
                    "from a copy on the node's local scratch (clusters.toml local_scratch)")
     args = p.parse_args(own)
