@@ -55,9 +55,9 @@ def make_template(root: Path) -> Path:
     return template
 
 
-def copier_copy(template: Path | str, project: Path, *answers: str) -> str:
+def copier_copy(template: Path | str, project: Path, *answers: str, version: str = "v1.0.0") -> str:
     data = [f"--data={answer}" for answer in answers]
-    return ok(project.parent, sys.executable, "-m", "copier", "copy", "--vcs-ref", "v1.0.0", "--defaults", *data,
+    return ok(project.parent, sys.executable, "-m", "copier", "copy", "--vcs-ref", version, "--defaults", *data,
               str(template), project.name)
 
 
@@ -256,3 +256,85 @@ def test_a_project_without_the_example_trains_from_its_skeleton_and_then_with_it
     shutil.rmtree(project / "runs")  # a new run: one run per run directory
     out = ok(project, sys.executable, "-c", TRAIN_AND_CHECK_SWEEP)
     assert "test/acc=" in out and "maximize val/acc" in out
+
+
+# The template as v0.1.0 landed (the last commit of the session that wrote CHANGELOG.md's v0.1.0): the flat support/
+# of 28 modules that v0.3.0 grouped into packages. Read from this repository's history (tags do not survive here).
+V0_1_0 = "2a45c6a3dae1b97ff3c0b8af4f1f92e3dc472e84"
+# A module of the researcher's own, beside the template's files, written against v0.1.0's layout.
+OWN_MODULE = "from support.downloads import RemoteFile\n"
+
+
+def replace_files(template: Path, commit: str | None = None) -> None:
+    """`template`'s files (its .git kept) replaced by this repository's: as they were at `commit`, or as they are."""
+    for path in template.iterdir():
+        if path.name != ".git":
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if commit is None:
+        copy_of_repo(template)
+        return
+    archive = subprocess.run(["git", "archive", commit], cwd=REPO, capture_output=True, timeout=120)
+    assert archive.returncode == 0, f"this test needs the repository's history (a full clone): {archive.stderr}"
+    subprocess.run(["tar", "-x", "-C", str(template)], input=archive.stdout, check=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_a_project_made_at_v0_1_0_takes_the_packaged_support_with_make_update(tmp_path: Path):
+    """Issue 30: v0.3.0 moved support/'s modules into packages, which Copier sees as deletions plus additions. A
+    project made at v0.1.0, with its researcher's model, data, metric, sweep and a module of their own, runs
+    `make update`: every template file arrives as the template has it, without a conflict, the old modules are
+    gone, the researcher's lines are kept, it trains, and their own old import gets one line naming the new place."""
+    template = tmp_path / "template"
+    template.mkdir()
+    ok(template, "git", "init", "-q")
+    replace_files(template, V0_1_0)
+    release(template, "v0.1.0")
+    old_files = set(ok(template, "git", "ls-files").split())
+    project = tmp_path / "old-project"
+    copier_copy(template, project, version="v0.1.0")
+    ok(project, "git", "init", "-q")
+    commit_all(project, "old-project from the template v0.1.0")
+    (project / "model.py").write_text(OWN_MODEL)
+    edit(project / "datamodule.py", "\n\n# Checksums and mirrors", OWN_DATASET + "# Checksums and mirrors")
+    edit(project / "datamodule.py", 'DATASETS: dict[str, DatasetSpec] = {\n',
+         'DATASETS: dict[str, DatasetSpec] = {\n    "blobs": DatasetSpec(1, 4, 255, build_blobs),\n')
+    edit(project / "train.py", "MODEL_CLASS = model.ImageClassifier", "MODEL_CLASS = model.FlatMLP")
+    edit(project / "train.py", 'MONITOR, MONITOR_MODE = "val/loss", "min"', 'MONITOR, MONITOR_MODE = "val/acc", "max"')
+    edit(project / "sweep.py", '"model.hidden_dim": {"values": [64, 128, 256]},',
+         '"model.hidden_dim": {"values": [16]},')
+    (project / "my_data.py").write_text(OWN_MODULE)
+    commit_all(project, "My model, data and sweep")
+    mine = {name: (project / name).read_text() for name in ["model.py", "datamodule.py", "train.py", "sweep.py"]}
+
+    replace_files(template)  # this version
+    release(template, "v0.3.0")
+    new_files = set(ok(template, "git", "ls-files").split())
+    updated = make_update(project)
+    assert updated.returncode == 0, updated.stdout[-3000:] + updated.stderr[-3000:]
+    assert "from the template version v0.1.0 to v0.3.0" in updated.stdout and "No conflicts" in updated.stdout
+    assert not conflicted(project)
+
+    gone = sorted(name for name in old_files - new_files if name.startswith("support/"))
+    assert "support/downloads.py" in gone and "support/training.py" in gone and len(gone) >= 20
+    assert not [name for name in gone if (project / name).exists()], "make update left v0.1.0's modules behind"
+    ours = {*TEMPLATE_ONLY, "README.md", "clusters.toml", "project.toml", *mine}  # template-only, rendered, edited
+    for name in sorted(new_files):
+        if not name.endswith(".jinja") and not any(name == o or name.startswith(o + "/") for o in ours):
+            assert (project / name).read_bytes() == (template / name).read_bytes(), f"{name} differs from v0.3.0's"
+    assert (project / "model.py").read_text() == mine["model.py"]
+    datamodule = (project / "datamodule.py").read_text()
+    assert OWN_DATASET in datamodule and '"blobs": DatasetSpec(1, 4, 255, build_blobs)' in datamodule
+    assert "from support.data.downloads import" in datamodule and "from support.downloads" not in datamodule
+    train_py = (project / "train.py").read_text()
+    assert "MODEL_CLASS = model.FlatMLP" in train_py and 'MONITOR, MONITOR_MODE = "val/acc", "max"' in train_py
+    assert "from support.run_dir import checks, writer" in train_py
+    assert '"model.hidden_dim": {"values": [16]},' in (project / "sweep.py").read_text()
+
+    commit_all(project, "Template v0.3.0")
+    assert "test/acc=" in train(project, "--data.dataset=blobs")
+    layers = ok(project, sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_layers.py")
+    assert " passed" in layers and "failed" not in layers
+    moved = run(project, sys.executable, "-c", "import my_data")
+    assert moved.returncode == 1 and moved.stderr.strip().splitlines()[-1] == (
+        "ModuleNotFoundError: support.downloads moved to support.data.downloads in the template's v0.3.0 "
+        "(CHANGELOG.md): change the import")

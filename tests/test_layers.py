@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -180,3 +181,13 @@ def test_no_module_is_over_400_lines(folder: str) -> None:
     paths = SUPPORT.rglob("*.py") if folder == "support" else REPO.glob("*.py")
     long = [f"{name(path)}: {n} lines" for path in paths if (n := len(path.read_text().splitlines())) > MAX_LINES]
     assert not long, f"over {MAX_LINES} lines: split by concern:\n" + "\n".join(long)
+
+
+def test_git_ignores_no_file_of_the_code() -> None:
+    """A module that .gitignore matches never reaches a clone, CI or a Copier project (`data/` once ignored
+    support/data/ whole: its __init__.py was missing from every copy)."""
+    ignored = subprocess.run(["git", "ls-files", "--cached", "--others", "--ignored", "--exclude-standard", "--",
+                              "*.py", "*.sh", "*.toml", "*.jinja", "*.md"], cwd=REPO, capture_output=True, text=True,
+                             check=True)
+    names = [line for line in ignored.stdout.splitlines() if not line.startswith(("runs/", ".venv/"))]
+    assert not names, f".gitignore hides files of the project: {names}; anchor its patterns (/data/, not data/)"
