@@ -191,3 +191,20 @@ def test_git_ignores_no_file_of_the_code() -> None:
                              check=True)
     names = [line for line in ignored.stdout.splitlines() if not line.startswith(("runs/", ".venv/"))]
     assert not names, f".gitignore hides files of the project: {names}; anchor its patterns (/data/, not data/)"
+
+
+def test_each_moved_module_has_its_new_place_and_its_changelog_row() -> None:
+    """support.MOVED answers an old import with the new place: that place must exist, the old module must not (the
+    finder is asked only when no file answers), and CHANGELOG.md's v0.3.0 table must say the same."""
+    from support import MOVED
+
+    changelog = (REPO / "CHANGELOG.md").read_text()
+    def module_file(dotted: str) -> Path:
+        return REPO.joinpath(*dotted.split(".")).with_suffix(".py")
+
+    for old, new in MOVED.items():
+        assert not module_file(old).exists(), f"{old} is a module again: MovedModules' one line never comes"
+        for place in new.split(" and "):
+            assert module_file(place).is_file(), f"MOVED sends {old} to {place}, which does not exist"
+        row = f"| `{old}` | `{new.replace(' and ', '` and `')}` |"
+        assert row in changelog, f"CHANGELOG.md's v0.3.0 table lacks: {row}"
