@@ -396,10 +396,11 @@ def test_no_host_sync_in_update_and_linear_functions() -> None:
 
 @pytest.mark.slow
 def test_importing_cka_loads_no_lightning() -> None:
-    """cka.py is the standalone numerics: its command line imports support/cka/monitor.py (and Lightning) lazily."""
+    """cka.py names the standalone numerics (support/cka/numerics.py): its command line imports support/cka/monitor.py
+    (and Lightning) lazily, and nothing else of support/ loads."""
     code = "import sys, cka; print(sorted(m for m in sys.modules if m.split('.')[0] in ('pytorch_lightning', " \
            "'lightning', 'support')))"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip() == "[]"
+    assert result.stdout.strip() == "['support', 'support.cka', 'support.cka.numerics']"
