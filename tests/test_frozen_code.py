@@ -136,23 +136,27 @@ def test_a_tree_that_cannot_be_frozen_is_refused_in_one_line_before_anything_is_
 
 def test_an_interrupted_copy_is_never_used_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     project = small_project(tmp_path / "project")
+    store = project / "runs" / ".code"
     real, written = Path.write_bytes, []
 
-    def write_bytes(path: Path, data: bytes) -> int:
+    def write_bytes(path: Path, data: bytes) -> int:  # the disk fills up at the third file
         written.append(path)
-        if len(written) == 3:
+        if len(written) % 3 == 0:
             raise OSError(28, "No space left on device")
         return real(path, data)
 
     monkeypatch.setattr(Path, "write_bytes", write_bytes)
     with pytest.raises(OSError):
         freeze(project, project / "runs")
-    assert list((project / "runs" / ".code").iterdir()) == []  # no copy, no partial one
+    assert list(store.iterdir()) == []  # no copy, and the partial one removed
+    monkeypatch.setattr(snapshot, "_remove", lambda path: None)  # as if killed before it could clean up
+    with pytest.raises(OSError):
+        freeze(project, project / "runs")
+    # What a job could be pointed at (a directory named by a hash) does not exist: only the temporary name does.
+    assert [path.name.startswith(".partial-") for path in store.iterdir()] == [True]
     monkeypatch.setattr(Path, "write_bytes", real)
-    # A partial copy left by a killed process (no CODE.json, temporary name) is ignored: a new copy is made.
-    (project / "runs" / ".code" / ".partial-x-1-2").mkdir()
-    snap = freeze(project, project / "runs")
-    assert (snap.dir / CODE_RECORD).is_file() and not snap.reused
+    snap = freeze(project, project / "runs")  # the next submission makes a complete copy beside the leftover
+    assert (snap.dir / CODE_RECORD).is_file() and not snap.reused and not snap.dir.name.startswith(".partial-")
 
 
 def test_two_submissions_at_once_each_get_a_complete_copy(tmp_path: Path):
