@@ -45,7 +45,7 @@ from support.clusters.environments import machine_arch
 from support.clusters.plan import RESOURCES, JobPlan, missing_submit_command, plan_job, storage_notes
 from support.clusters.profiles import load_clusters, partition_table
 from support.errors import LaunchError, one_line
-from support.provenance.snapshot import Snapshot, freeze, summary
+from support.provenance.snapshot import Snapshot, discard, freeze, summary
 from support.run_dir.checks import tasks_devices_mismatch, timestamped_name
 from support.search.launch import extra_problem, new_search, render_search_script, unfinished_search
 from support.search.records import SEARCH_FILE
@@ -182,7 +182,7 @@ def new_run_dir(args: argparse.Namespace, prefix: str) -> Path:
 
 def frozen_code(args: argparse.Namespace) -> Snapshot:
     """The frozen copy of this project's code that the job runs (for --dry-run: checked, and where it would go)."""
-    snapshot = freeze(REPO_DIR, Path(args.runs_dir), dry_run=args.dry_run)
+    snapshot = args.frozen = freeze(REPO_DIR, Path(args.runs_dir), dry_run=args.dry_run)  # main discards it on failure
     print(summary(snapshot) if not args.dry_run else f"# code: would be frozen into {snapshot.dir} "
           f"({snapshot.files} files, {snapshot.bytes / 2**20:.1f} MB)", file=sys.stderr)
     return snapshot
@@ -334,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     except LaunchError as err:
         if created is not None and not args.local:
             shutil.rmtree(created, ignore_errors=True)  # nothing was submitted: leave no grid that looks queued
+            discard(getattr(args, "frozen", None))
         print(f"error: {err}", file=sys.stderr)
         return 1
     follow = (f"progress:  python sweep.py --status {grid_dir}" if search else

@@ -16,6 +16,7 @@ dirty, the untracked files, and uncommitted.patch (`git diff HEAD`). Light on pu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -199,6 +200,14 @@ def freeze(root: Path, runs_dir: Path, dry_run: bool = False) -> Snapshot:
         _remove(partial)
         raise
     return Snapshot(final, digest, commit, dirty, len(names), total)
+
+
+def discard(snapshot: Snapshot | None) -> None:
+    """Removes a copy this submission made (not one it found) when the submission failed: nothing runs it."""
+    if snapshot is not None and not snapshot.reused:
+        _remove(snapshot.dir)
+        with contextlib.suppress(OSError):
+            snapshot.dir.parent.rmdir()  # the store, if that was its only copy
 
 
 def _remove(path: Path) -> None:
