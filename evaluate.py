@@ -6,17 +6,20 @@ and print the metrics. Nothing is trained, nothing is written into the run direc
     python evaluate.py runs/my-run/checkpoints/best-epoch007-step160.ckpt
     python evaluate.py runs/my-run --split val --json metrics.json
     python evaluate.py runs/my-run -- --data.batch_size=512 --trainer.devices=2 --trainer.strategy=ddp
+    python evaluate.py runs/my-run --own-code               # with the frozen copy of the code the run trained with
 
 The settings are the run's config.yaml, on one process of this machine; train.py arguments after `--` override
 them (batch size, devices and nodes, another dataset with the same classes). The metrics are those the model logs
 in its test_step (validation_step for --split val): the numbers train.py printed at the end of training for that
-checkpoint.
+checkpoint. When the code here differs from the code the run trained with (its provenance.json), one line says so
+and where; --own-code runs this evaluation with the run's own frozen copy of the code, when a job made one.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -26,8 +29,11 @@ import torch
 from pytorch_lightning.utilities import rank_zero_only
 
 import train
+from support import REPO_DIR
 from support.atomic import write_atomic
 from support.errors import SettingError, warn
+from support.provenance.record import code_identity, trained_with
+from support.provenance.snapshot import describe, differing_files
 from support.run_dir.checks import require_checkpoint
 from support.run_dir.config import CONFIG_FILE, require_fit
 from support.training.callbacks import stopped_by_signal
@@ -66,10 +72,29 @@ def checkpoint_and_run(target: Path, which: str) -> tuple[Path, Path]:
     return checkpoint, run_dir
 
 
+def code_difference(run_dir: Path) -> tuple[str, Path | None] | None:
+    """None when this code is the code the run trained with (or the run has no record of it); else one line saying
+    how they differ, and the run's frozen copy if it still exists."""
+    trained = trained_with(run_dir)
+    if trained is None or trained.get("hash") == code_identity()["hash"]:
+        return None
+    copy = Path(trained["dir"]) if trained.get("dir") and Path(trained["dir"]).is_dir() else None
+    where = f"commit {trained.get('commit') or 'unknown'}{' with uncommitted changes' if trained.get('dirty') else ''}"
+    if copy is not None:
+        changed = differing_files(copy, REPO_DIR)
+        return (f"this code differs from the code {run_dir.name} trained with (its frozen copy {copy}) in "
+                f"{describe(changed)}: --own-code evaluates with that copy", copy)
+    patch = f", patch {trained['patch']}" if trained.get("patch") else ""
+    return (f"this code differs from the code {run_dir.name} trained with ({where}, code hash {trained.get('hash')}"
+            f"{patch}; no frozen copy was made for it): the metrics may differ from the run's", None)
+
+
 def evaluate(target: str | Path, which: str = "best", split: str = "test", overrides: list[str] | None = None
              ) -> dict[str, Any]:
     """Tests (or validates) the checkpoint with its run's settings; returns the metrics (and which checkpoint)."""
     checkpoint, run_dir = checkpoint_and_run(Path(target).expanduser().resolve(), which)
+    if (difference := code_difference(run_dir)) is not None and rank_zero_only.rank == 0:
+        print(f"note: {difference[0]}", file=sys.stderr, flush=True)
     config = run_dir / CONFIG_FILE
     if not config.is_file():
         warn(f"{run_dir} has no {config.name}: evaluating with train.py's defaults and the arguments given")
@@ -103,6 +128,24 @@ def unwritable(path: Path) -> str | None:
         return f"cannot write there ({err.strerror})"
 
 
+def run_own_code(target: str, argv: list[str]) -> None:
+    """Runs this command again from the run's frozen copy of its code (here: the data and runs stay this project's);
+    returns only where this code already is that copy."""
+    path = Path(target).expanduser().resolve()
+    run_dir = path if path.is_dir() else path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    trained = trained_with(run_dir)
+    copy = Path(trained["dir"]) if trained and trained.get("dir") else None
+    if copy is None or not (copy / "evaluate.py").is_file():
+        why = "it trained from a working tree" if trained else "it has no provenance.json"
+        raise SystemExit(f"error: --own-code: {run_dir} has no frozen copy of its code ({why}); evaluate without it")
+    if copy.resolve() == REPO_DIR:
+        return
+    argv = [arg for arg in argv if arg != "--own-code"]
+    env = {**os.environ, "PYTHONPATH": str(copy) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    print(f"evaluating with the run's own code: {copy}", file=sys.stderr, flush=True)
+    os.execve(sys.executable, [sys.executable, str(copy / "evaluate.py"), *argv], env)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = sys.argv[1:] if argv is None else argv
     ours, overrides = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
@@ -113,7 +156,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "checkpoints/ without .ckpt (default: best)")
     parser.add_argument("--split", choices=("test", "val"), default="test")
     parser.add_argument("--json", help="also write the metrics to this JSON file")
+    parser.add_argument("--own-code", action="store_true",
+                        help="evaluate with the frozen copy of the code the run trained with (a job's runs have one)")
     options = parser.parse_args(ours)
+    if options.own_code:
+        run_own_code(options.target, argv)
     output = Path(options.json) if options.json else None
     if output is not None and (problem := unwritable(output)):  # said before the work, not after it
         raise SystemExit(f"error: --json {output}: {problem}; give a file path this user can write")

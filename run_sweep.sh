@@ -25,7 +25,22 @@ cd "$(dirname "$0")"  # the agent runs `python train.py` from here
 if [ -n "${PYTHON:-}" ]; then PATH="$(dirname "$PYTHON"):$PATH"; export PATH; fi
 command -v python >/dev/null || die "no python on PATH: activate the project's environment (or set PYTHON=...)"
 command -v wandb >/dev/null || die "no wandb on PATH: activate the project's environment (or set PYTHON=...)"
-python sweep.py --check-agent || exit 1
+# Every run starts from a frozen copy of the code as it is now (support/provenance/snapshot.py): edits made while the
+# agents run reach no run of theirs. Runs write into this project's runs/ and read its data.
+code=$(python -m support.provenance.snapshot --runs-dir runs) || exit 1
+echo "run_sweep.sh: code frozen into $code"
+python "$code/sweep.py" --check-agent || exit 1
+real_python=$(command -v python)
+launch_dir=$(mktemp -d "${TMPDIR:-/tmp}/run-sweep.XXXXXX")
+trap 'rm -rf "$launch_dir"' EXIT
+cat > "$launch_dir/python" <<EOF
+#!/usr/bin/env bash
+export PYTHONPATH=$(printf %q "$code")
+if [ "\${1:-}" = train.py ]; then shift; set -- $(printf %q "$code/train.py") "\$@"; fi
+exec $(printf %q "$real_python") "\$@"
+EOF
+chmod +x "$launch_dir/python"
+PATH="$launch_dir:$PATH"  # the agents run the sweep's command, `python train.py ...`: this launcher, then the copy
 
 # The devices: CUDA_VISIBLE_DEVICES when set (ids or UUIDs), else every GPU nvidia-smi lists, else the CPU.
 devices=()

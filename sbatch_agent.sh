@@ -62,15 +62,25 @@ count=${2:-1}
 if [ ! -f train.py ] || [ ! -f sweep.py ]; then die "no train.py in $PWD: submit from the repository root"; fi
 python=$(command -v python) || die "no python on PATH: activate the project's environment before sbatch (or in this script)"
 command -v wandb >/dev/null || die "no wandb on PATH: activate the project's environment before sbatch (or in this script)"
-python sweep.py --check-agent || exit 1
+# The code every run of this task runs: the frozen copy slurm_train.py --agents made when it submitted the job
+# (MLMODELDEV_CODE), else one made now, when the task starts (a plain `sbatch sbatch_agent.sh` cannot freeze at
+# submission: Slurm keeps only this script).
+code=${MLMODELDEV_CODE:-}
+if [ -z "$code" ]; then
+  code=$(python -m support.provenance.snapshot --runs-dir runs) || exit 1
+  echo "sbatch_agent.sh: code frozen into $code when this task started (slurm_train.py --agents freezes it at submission)"
+fi
+python "$code/sweep.py" --check-agent || exit 1
 
-# The launcher the agent finds as `python`: one Slurm task per device, each the real python with the same argv.
+# The launcher the agent finds as `python`: one Slurm task per device, each the real python with the same argv, the
+# sweep's program (train.py) taken from the frozen copy; the run's directory and data stay the project's ($PWD).
 # SRUN_CPUS_PER_TASK: since Slurm 22.05 srun no longer inherits --cpus-per-task from sbatch.
 launch_dir=$(mktemp -d "${TMPDIR:-/tmp}/sweep-agent.XXXXXX")
 trap 'rm -rf "$launch_dir"' EXIT
 cat > "$launch_dir/python" <<EOF
 #!/usr/bin/env bash
-export PATH=$(printf %q "$PATH")
+export PATH=$(printf %q "$PATH") PYTHONPATH=$(printf %q "$code")
+if [ "\${1:-}" = train.py ]; then shift; set -- $(printf %q "$code/train.py") "\$@"; fi
 exec srun --ntasks-per-node=${SLURM_NTASKS_PER_NODE:-1} --kill-on-bad-exit=1 $(printf %q "$python") "\$@"
 EOF
 chmod +x "$launch_dir/python"

@@ -45,6 +45,7 @@ from support.clusters.environments import machine_arch
 from support.clusters.plan import RESOURCES, JobPlan, missing_submit_command, plan_job, storage_notes
 from support.clusters.profiles import load_clusters, partition_table
 from support.errors import LaunchError, one_line
+from support.provenance.snapshot import Snapshot, discard, freeze, summary
 from support.run_dir.checks import tasks_devices_mismatch, timestamped_name
 from support.search.launch import extra_problem, new_search, render_search_script, unfinished_search
 from support.search.records import SEARCH_FILE
@@ -52,7 +53,7 @@ from support.slurm.jobs import active_jobs, array_spec, sbatch_header, submit, w
 from support.slurm.local_rows import run_local, stop_orphans
 from support.slurm.options import parse_args
 from support.slurm.packing import task_count, tasks_of
-from support.slurm.scripts import render_agents_script, render_script, script_head
+from support.slurm.scripts import render_agents_script, render_script, resumed_code, script_head
 
 REPO_DIR = Path(__file__).resolve().parent
 
@@ -179,6 +180,14 @@ def new_run_dir(args: argparse.Namespace, prefix: str) -> Path:
     return run_dir
 
 
+def frozen_code(args: argparse.Namespace) -> Snapshot:
+    """The frozen copy of this project's code that the job runs (for --dry-run: checked, and where it would go)."""
+    snapshot = args.frozen = freeze(REPO_DIR, Path(args.runs_dir), dry_run=args.dry_run)  # main discards it on failure
+    print(summary(snapshot) if not args.dry_run else f"# code: would be frozen into {snapshot.dir} "
+          f"({snapshot.files} files, {snapshot.bytes / 2**20:.1f} MB)", file=sys.stderr)
+    return snapshot
+
+
 def start_search(args: argparse.Namespace, extra: list[str], plan: JobPlan) -> tuple[Path, list[int]]:
     """Checks the sweep (a sample of its space with the appended arguments, as train.py would), then creates the
     search directory and its K-worker script; returns it and the workers' indices (none for --dry-run)."""
@@ -191,7 +200,7 @@ def start_search(args: argparse.Namespace, extra: list[str], plan: JobPlan) -> t
     search_dir, per_gpu = new_run_dir(args, "search-"), args.runs_per_gpu
     header = sbatch_header(args.job_name or "search", f"0-{k - 1}", f"{k * per_gpu} workers, {per_gpu} per array task",
                            plan.res, f"{search_dir}/{'worker' if per_gpu == 1 else 'task'}-%a.out")
-    script = render_search_script(search_dir, script_head(plan, header, args.local), per_gpu)
+    script = render_search_script(search_dir, script_head(plan, header, args.local), frozen_code(args).dir, per_gpu)
     metric = sweep_config["metric"]
     stopping = "hyperband stopping" if "early_terminate" in sweep_config else "no early stopping"
     packing = f" ({per_gpu} per GPU, in {k} array tasks)" if per_gpu > 1 else ""
@@ -215,7 +224,9 @@ def start_grid(args: argparse.Namespace, extra: list[str], plan: JobPlan) -> tup
     _, rows = enumerate_rows(config, args.sample, args.seed)
     check_rows(rows, extra, plan.res)  # before anything is written: a bad row fails here, not in the queue
     grid_dir, per_gpu = new_run_dir(args, "grid-"), args.runs_per_gpu
-    script = render_script(grid_dir, len(rows), args.max_concurrent, plan, args.job_name or "grid", args.local, per_gpu)
+    code = frozen_code(args).dir
+    script = render_script(grid_dir, len(rows), args.max_concurrent, plan, args.job_name or "grid", code, args.local,
+                           per_gpu)
     argvs = [sweep.to_argv(row) + extra for row in rows]
     tasks = task_count(len(rows), per_gpu)
     if args.dry_run:
@@ -238,7 +249,7 @@ def start_grid(args: argparse.Namespace, extra: list[str], plan: JobPlan) -> tup
 def start_agents(args: argparse.Namespace, plan: JobPlan) -> tuple[Path, list[int]]:
     agents_dir = new_run_dir(args, "agents-")
     script = render_agents_script(agents_dir, args.agents, args.count, args.max_concurrent, plan,
-                                  args.job_name or "sweep-agent")
+                                  args.job_name or "sweep-agent", frozen_code(args).dir)
     if args.dry_run:
         print(f"{script}\n# dry run: nothing written or submitted; the agents' directory would be {agents_dir}")
         return agents_dir, []
@@ -282,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{k * per_gpu} new worker(s) for the search" if search else
                   f"{len(rows)} unfinished row(s){f' in {len(indices)} task(s)' if per_gpu > 1 else ''}: "
                   f"--array={array_spec(indices, k)}")
+            resumed_code(grid_dir, REPO_DIR, Path(args.runs_dir), args.current_code, args.dry_run)
             if args.dry_run:
                 print((grid_dir / "job.sbatch").read_text())
                 return 0
@@ -322,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     except LaunchError as err:
         if created is not None and not args.local:
             shutil.rmtree(created, ignore_errors=True)  # nothing was submitted: leave no grid that looks queued
+            discard(getattr(args, "frozen", None))
         print(f"error: {err}", file=sys.stderr)
         return 1
     follow = (f"progress:  python sweep.py --status {grid_dir}" if search else

@@ -48,6 +48,7 @@ from support import gpu_check
 from support.cka.monitor import CKAMonitor
 from support.data.downloads import DownloadError
 from support.errors import SettingError, one_line
+from support.provenance import record as provenance
 from support.run_dir import checks, writer
 from support.run_dir.config import require_fit, with_saved_settings
 from support.slurm import packing
@@ -220,12 +221,18 @@ def main(args: list[str] | dict[str, Any] | None = None) -> dict[str, Any]:
             # that fails before its first training step takes the directory it made away again, wandb run included.
             with writer.one_writer(cli.run_dir, untrained=lambda: cli.trainer.global_step == 0) \
                     if cli.trainer.is_global_zero else contextlib.nullcontext():
+                # What this start runs (code, versions, host, Slurm ids, devices): RUN_DIR/provenance.json.
+                recording = cli.trainer.is_global_zero and bool(provenance.record_start(cli.run_dir))
                 try:
                     with stopped_by_signal():  # SIGTERM: last.ckpt saved, exit status 143
                         results = fit_and_test(cli)
-                except BaseException:
+                except BaseException as err:
+                    if recording:
+                        provenance.record_end(cli.run_dir, provenance.exit_status(err))
                     finish_wandb(exit_code=1)  # marks the run as failed, and closes its files first
                     raise
+                if recording:
+                    provenance.record_end(cli.run_dir, 0)
         except (DownloadError, SettingError) as err:  # raised inside fit: data that cannot be had, a bad setting
             # Said once: under DDP every rank raises it.
             raise SystemExit(f"error: {err}" if cli.trainer.is_global_zero else 1) from None

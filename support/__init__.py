@@ -11,6 +11,7 @@ never needs to read this folder. One package per concern, each importing only th
     data/       datasets: declared downloads, checksums, the node-local copy
     cka/        CKA: the numerics and the monitor train.py registers
     run_dir/    run directories: checks, the saved config, the one-writer lock, exact resume
+    provenance/ what runs: the frozen copy of the code per submission, each run's record of what it ran
     gpu_check.py, errors.py, atomic.py: shared by all; errors.py and atomic.py import nothing of the project
 
 tests/test_layers.py fails on an import circle or an upward import.

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import run_script
+from conftest import REPO, run_script
 from test_search import SPACE, make_search, records
 
 from support.clusters.plan import job_start, plan_job
@@ -24,7 +24,7 @@ def test_damaged_records_are_skipped_by_status_and_quarantined_by_a_resume(tmp_p
     search_dir = make_search(tmp_path / "search", {"method": "random", "parameters": SPACE}, 8, ["--epochs=2"])
     generic = plan_job(load_clusters().get("generic"), {}, check_environment=False)
     (search_dir / "job.sbatch").write_text(render_search_script(  # 2 workers
-        search_dir, "#SBATCH --array=0-1\n" + job_start(generic, local=True)))
+        search_dir, "#SBATCH --array=0-1\n" + job_start(generic, local=True), REPO))
     owner = search_records.owner_identity(0)
     for _ in range(6):
         record = search_records.claim_or_propose(search_dir, owner)

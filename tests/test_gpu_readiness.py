@@ -168,7 +168,7 @@ def test_local_rows_inside_a_slurm_allocation_get_a_gpu_each(tmp_path: Path, mon
     with monkeypatch.context() as patched:  # the job script's python (--local's row guard runs the real one)
         patched.setattr(sys, "executable", str(bin_dir / "python"))
         plan = slurm_train.job_plan(slurm_train.parse_args(["--local"])[0])
-        (grid / "job.sbatch").write_text(slurm_train.render_script(grid, 2, 2, plan, "grid", local=True))
+        (grid / "job.sbatch").write_text(slurm_train.render_script(grid, 2, 2, plan, "grid", REPO, local=True))
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     allocation = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "outer", "SLURM_NTASKS": "1",
                   "SLURM_NTASKS_PER_NODE": "1", "SLURM_GPUS_ON_NODE": "2", "CUDA_VISIBLE_DEVICES": "0,1"}

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import REPO
 from slurm_fixtures import SlurmCluster, slurm, slurm_cluster  # noqa: F401  (fixtures)
 from test_slurm_search import one_thread  # noqa: F401  (autouse: one torch thread each, no wandb service of ours)
 
@@ -26,7 +27,6 @@ from support.search.launch import new_search
 
 pytestmark = [pytest.mark.example_model, pytest.mark.example_data, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parent.parent
 PARAMS = {"model.hidden_dim": {"values": [16, 32]}, "optimizer.lr": {"values": [0.001, 0.01]}}
 TRAIN = ["--", "--trainer.max_epochs=2", "--trainer.enable_model_summary=false", "--trainer.enable_progress_bar=false",
          "--data.batch_size=64", "--cka.every_n_epochs=0", "--trainer.accelerator=cpu"]
@@ -192,7 +192,7 @@ def test_a_search_packed_three_per_gpu_makes_its_count_three_at_a_time(
     plan = slurm_train.job_plan(slurm_train.parse_args([*ONE_GPU, "--runs-per-gpu", "3"])[0])
     header = slurm_train.sbatch_header("search", "0-0", "3 workers", plan.res, f"{search_dir}/task-%a.out")
     (search_dir / "job.sbatch").write_text(slurm_train.render_search_script(
-        search_dir, slurm_train.script_head(plan, header, local=False), 3))
+        search_dir, slurm_train.script_head(plan, header, local=False), REPO, 3))
     job, _ = submit(slurm, ["--resume", str(search_dir), "--max-concurrent", "1"])
     slurm.wait([job], timeout=180)
     records = [json.loads(p.read_text()) for p in sorted(search_dir.glob("run-[0-9]*.json"))]

@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import REPO
 from slurm_fixtures import SlurmCluster, slurm, slurm_cluster  # noqa: F401  (fixtures)
 
 import slurm_train
 from support.search.launch import new_search
 
-REPO = Path(__file__).resolve().parent.parent
 SWEEP = {"method": "random", "metric": {"name": "val/loss", "goal": "minimize"},
          "parameters": {"optimizer.lr": {"values": [0.001, 0.003, 0.01]}, "model.dropout": {"values": [0.0, 0.2]}}}
 EPOCHS = 6
@@ -61,7 +61,7 @@ def test_a_requeued_worker_resumes_its_own_run_and_the_search_ends_with_its_coun
     plan = slurm_train.job_plan(slurm_train.parse_args(SMALL)[0])
     header = slurm_train.sbatch_header("search", "0-1", "2 workers", plan.res, f"{search_dir}/worker-%a.out")
     (search_dir / "job.sbatch").write_text(slurm_train.render_search_script(
-        search_dir, slurm_train.script_head(plan, header, local=False)))
+        search_dir, slurm_train.script_head(plan, header, local=False), REPO))
     assert slurm_train.main(["--resume", str(search_dir), "--max-concurrent", "2"]) == 0
     job = re.search(r"submitted job (\d+)", capsys.readouterr().out).group(1)
     slurm.submitted.append(job)

@@ -20,6 +20,7 @@ from conftest import QUICK, REPO, run_script, script_env
 from wandb_records import wait_for_logged
 
 import train
+from support.provenance.snapshot import tree_hash
 from support.training.callbacks import SignalsAtBatchBoundary
 
 
@@ -32,7 +33,8 @@ def wandb_file(run_dir: str | Path) -> str:
 @pytest.mark.example_model
 @pytest.mark.example_data
 @pytest.mark.slow
-def test_short_run_learns_and_logs_to_offline_wandb():
+def test_short_run_learns_and_logs_to_offline_wandb(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("WANDB_API_KEY", "secret-key-" + "0" * 29)  # never written anywhere (offline: never sent)
     results = train.main(QUICK + ["--trainer.max_epochs=3"])
     assert results["test/acc"] > 0.8  # chance is 0.1
     run_dir = Path(results["run_dir"])
@@ -47,6 +49,13 @@ def test_short_run_learns_and_logs_to_offline_wandb():
     assert len(config["git_commit"].strip('"')) >= 40 or config["git_commit"] == '"unknown"'
     assert json.loads(config["model"])["hidden_dim"] == 128
     assert (run_dir / "wandb_id").read_text().strip() in wandb_file(run_dir)
+    # What it ran (support/provenance/record.py): the working tree, since no job froze a copy for it.
+    (attempt,) = json.loads((run_dir / "provenance.json").read_text())["attempts"]
+    assert attempt["code"]["hash"] == tree_hash(REPO) == config["code_hash"].strip('"') and attempt["exit"] == 0
+    assert attempt["code"]["commit"] in config["git_commit"] and attempt["code"]["dir"] is None
+    assert attempt["code"]["dirty"] or not attempt["code"]["patch"]  # a clean clone (CI) has no patch
+    assert attempt["torch"] == torch.__version__ and attempt["devices"]["cpu"] and attempt["end"] >= attempt["start"]
+    assert not [path for path in run_dir.rglob("*") if path.is_file() and b"secret-key-" in path.read_bytes()]
 
 
 def test_concurrent_runs_get_their_own_directories():

@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from support import REPO_DIR
 from support.search.records import IN_FLIGHT, create_search, load_search, read_records
 from support.slurm.local_rows import LOCAL_TASK_ENV
 from support.slurm.packing import RUNS_PER_GPU_ENV
+from support.slurm.scripts import code_lines
 
 # The worker sets these for every run; given after `--` they would break a run's place in the search.
 WORKER_ARGUMENTS = ("--run_dir", "--ckpt_path", "--wandb.group")
@@ -28,19 +28,21 @@ def extra_problem(extra: list[str]) -> str | None:
 def new_search(search_dir: Path, sweep: dict[str, Any], count: int, seed: int, extra: list[str],
                heartbeat_timeout: float, program: list[str] | None = None, runs_per_gpu: int = 1) -> None:
     """Creates the search directory with search.json: what every worker reads, never changed afterwards. `program`
-    (default: this interpreter and train.py) is what each run runs, with the run's --key=value settings."""
+    is what each run runs, with the run's --key=value settings; by default the train.py beside the worker, i.e. of
+    the frozen copy the job script names (support/provenance/snapshot.py)."""
     create_search(search_dir, {
         "name": search_dir.name, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "sweep": sweep, "count": count,
         "seed": seed, "extra": extra, "heartbeat_timeout": heartbeat_timeout, "runs_per_gpu": runs_per_gpu,
         # A script: each worker runs it with its own interpreter (the environment of its node's architecture).
-        "program": program or [str(REPO_DIR / "train.py")]})
+        "program": program})
 
 
-def render_search_script(search_dir: Path, head: str, runs_per_gpu: int = 1) -> str:
+def render_search_script(search_dir: Path, head: str, code: Path, runs_per_gpu: int = 1) -> str:
     """The workers' batch script; `head`: its #SBATCH header, set-up and $python (support/slurm/scripts.py). Each array
     task runs `runs_per_gpu` workers at once (worker task*K + j, each logging to worker-<n>.out)."""
     q = shlex.quote
-    worker = f'"$python" -m support.search.worker {q(str(search_dir))} --worker'
+    # By path, not -m: `python -m` puts the working directory (the project, whose code may have changed) first.
+    worker = f'"$python" "$code/support/search/worker.py" {q(str(search_dir))} --worker'
     if runs_per_gpu == 1:
         run = f'exec {worker} "$task"\n'
     else:
@@ -59,8 +61,8 @@ exit "$status"
 #   python slurm_train.py --resume {q(str(search_dir))}   # new workers, if the workers ended before the search
 {head}
 task=${{{LOCAL_TASK_ENV}:-${{SLURM_ARRAY_TASK_ID:?submit with sbatch, or run: python slurm_train.py --search --local}}}}
-export PYTHONPATH={q(str(REPO_DIR))}${{PYTHONPATH:+:$PYTHONPATH}}
-export {RUNS_PER_GPU_ENV}={runs_per_gpu}  # runs sharing this task's GPU(s): train.py names it when memory runs out
+{code_lines(code)}# Runs sharing this task's GPU(s): train.py names it when memory runs out.
+export {RUNS_PER_GPU_ENV}={runs_per_gpu}
 {run}"""
 
 

@@ -1,6 +1,6 @@
 """One worker of an offline search (slurm_train.py --search starts K of them, as a Slurm job array or here):
 
-    PYTHONPATH=. python -m support.search.worker runs/search-20261202-140000-abc123 --worker 0
+    PYTHONPATH=. python support/search/worker.py runs/search-20261202-140000-abc123 --worker 0
 
 It loops until the search has its count of runs: take a run (its own unfinished one first: a requeued array task
 resumes it with the same directory, checkpoint and wandb id; else a preempted one left by a gone worker; else a new
@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from support import REPO_DIR
 from support.atomic import write_atomic
 from support.search.records import (
     HEARTBEAT_SECONDS,
@@ -94,7 +95,7 @@ class Worker:
         settings = [f"--{key}={value}" for key, value in sorted(record["config"].items())]  # as a wandb agent
         # A script runs under this worker's interpreter: the environment of the node's architecture (job.sbatch's
         # $python), not the submitting machine's.
-        program = self.search["program"]
+        program = self.search["program"] or [str(REPO_DIR / "train.py")]  # the copy's train.py, beside this worker
         program = [sys.executable, *program] if program[0].endswith(".py") else program
         return [*launcher(), *program, *resume_arguments(run_dir), *settings, *self.search["extra"],
                 f"--run_dir={run_dir}", f"--wandb.group={self.search['name']}"]

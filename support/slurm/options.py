@@ -29,6 +29,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--dry-run", action="store_true", help="check, print the script and the runs; write nothing")
     p.add_argument("--local", action="store_true", help="no Slurm: run the rows as processes on this machine")
     p.add_argument("--resume", metavar="RUN_DIR", help="resubmit only the rows of RUN_DIR that did not finish")
+    p.add_argument("--current-code", action="store_true", help="with --resume: run the project's code as it is now "
+                   "(after listing what differs), not the frozen copy the job was submitted with")
     p.add_argument("--runs-dir", default="runs", help="where the grid directory is made (default: runs)")
     p.add_argument("--job-name", help="default: grid, or search with --search")
     p.add_argument("--agents", metavar="SWEEP_ID", help="wandb sweep agents for ENTITY/PROJECT/SWEEP_ID instead: "
@@ -72,6 +74,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     runs_dir = Path(args.runs_dir)
     if runs_dir.exists() and not runs_dir.is_dir():
         p.error(f"--runs-dir {args.runs_dir} is a file; give a directory (it is created if missing)")
+    if args.current_code and not args.resume:
+        p.error("--current-code goes with --resume: a new submission always freezes the code as it is now")
     if args.resume:
         given = [f"--{k.replace('_', '-')}" for k in [*RESOURCES, "sample", "count", "sweep_config", "cluster"]
                  if getattr(args, k) is not None] + (["--runs-per-gpu"] if args.runs_per_gpu != 1 else [])

@@ -1,10 +1,9 @@
-"""train.py's LightningCLI pieces: the config record of each run (config.yaml, the logger's hyperparameters, the git
-commit), a parse that runs every check without training (`parse_only`, used by sweep.py and check.py), and the
-known warnings that say nothing to a researcher."""
+"""train.py's LightningCLI pieces: the config record of each run (config.yaml, and the logger's hyperparameters with
+the code it ran: commit, uncommitted changes, the frozen copy's hash), a parse that runs every check without
+training (`parse_only`, used by sweep.py and check.py), and the known warnings that say nothing to a researcher."""
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -13,20 +12,9 @@ from pytorch_lightning import LightningModule, Trainer
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import WandbLogger
 
-from support import REPO_DIR
 from support.atomic import write_atomic
+from support.provenance.record import code_identity, trained_with
 from support.run_dir.config import CONFIG_FILE, record_config, rerunnable
-
-
-def git_commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_DIR, capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_DIR,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
 
 
 class SaveConfigAndLog(SaveConfigCallback):
@@ -46,7 +34,9 @@ class SaveConfigAndLog(SaveConfigCallback):
             if not id_file.exists():
                 write_atomic(id_file, trainer.logger.version + "\n")
         if trainer.logger is not None:
-            extra = {"git_commit": git_commit(), "run_dir": str(run_dir)}
+            code = trained_with(run_dir) or code_identity()  # what train.py recorded in provenance.json
+            extra = {"git_commit": f"{code['commit'] or 'unknown'}{'+dirty' if code['dirty'] else ''}",
+                     "code_hash": code["hash"], "code_dir": code["dir"], "run_dir": str(run_dir)}
             if written is not None and written.name != CONFIG_FILE:  # the wandb config says what the resume changed
                 extra["resumed_with"] = written.name
             trainer.logger.log_hyperparams({**rerunnable(dumped), **extra})

@@ -98,5 +98,6 @@ def finish_wandb(exit_code: int | None = None) -> None:
 def init_settings(init_timeout: float) -> Any:
     import wandb
 
-    # git_root: wandb records the commit of this repository, not of the run directory it writes into.
+    # git_root: wandb records the commit of this repository, not of the run directory it writes into. A job's frozen
+    # copy has no .git: there the config's git_commit and code_hash (support/training/cli.py) say what ran.
     return wandb.Settings(init_timeout=init_timeout, silent=True, git_root=str(REPO_DIR))
