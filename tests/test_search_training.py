@@ -64,7 +64,7 @@ def test_search_dry_run_writes_nothing_and_bad_options_are_one_line(tmp_path: Pa
     dry = run_script("slurm_train.py", "--search", "--count", "4", "--max-concurrent", "3", "--dry-run",
                      "--gpus-per-node", "0", "--", "--trainer.max_epochs=2")
     assert dry.returncode == 0, dry.stderr
-    assert "#SBATCH --array=0-2" in dry.stdout and "-m support.search.worker" in dry.stdout
+    assert "#SBATCH --array=0-2" in dry.stdout and '"$code/support/search/worker.py"' in dry.stdout
     assert "random search of 4 runs by 3 workers, minimize val/loss, hyperband stopping" in dry.stdout
     for args, message in [(["--search"], "--search needs --count N"),
                           (["--count", "3"], "--search needs --count N"),
