@@ -204,7 +204,9 @@ def test_a_cpu_run_records_its_cost_and_metrics_and_a_killed_run_keeps_them(tmp_
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     run = collect(killed)[0].runs[0]
-    assert run.cost and run.cost[-1]["final"] is False and run.cost[-1]["wall_s"] >= 0 and run.epochs
+    assert run.cost and run.cost[-1]["final"] is False and run.epochs
+    # Written with each checkpoint (just before it): the cost up to the last one, not only up to the start.
+    assert run.cost[-1]["updated"] >= (killed / "checkpoints" / "last.ckpt").stat().st_mtime - 0.3
     assert run.state == "failed" and run.cause.startswith("killed: it ended without recording why")
 
 
@@ -320,3 +322,46 @@ def test_slurm_states_queued_cancelled_requeued_and_no_environment(slurm: SlurmC
     slurm.wait([other], timeout=120)
     code, out, err = status(Path(re.search(r"run directory: (\S+)", no_env.stdout).group(1)))
     assert line_of(out, "row-0").split(None, 1)[1].startswith("failed: no environment for the node"), out
+
+
+def test_every_kind_of_directory_and_runs_itself_are_one_command_each(tmp_path: Path):
+    from support.search.launch import new_search
+    from support.search.records import write_record
+
+    runs = tmp_path / "runs"
+    grid = write_grid(runs / "grid-a", [{"model.hidden_dim": 8}, {"model.hidden_dim": 16}])
+    for i in range(2):
+        write_run(grid / f"row-{i}", {}, [0.5 - i / 10], test={"test/acc": 0.8})
+        (grid / f"row-{i}" / "done").write_text("{}")
+    search = runs / "search-b"
+    sweep_config = {"method": "random", "metric": {"name": "val/acc", "goal": "maximize"},
+                    "parameters": {"optimizer.lr": {"values": [0.1, 0.2]}}}
+    new_search(search, sweep_config, 2, 0, [], 600.0)
+    for number, (lr, state) in enumerate([(0.1, "finished"), (0.2, "stopped")]):
+        write_record(search, {"number": number, "name": f"run-{number:04d}", "config": {"optimizer.lr": lr},
+                              "state": state, "owner": None, "attempts": 1, "created": 0.0, "ended": 1.0,
+                              "history": [], "best": None, "stopped_early": state == "stopped", "exit_code": 0,
+                              "test": {}})
+        write_run(search / f"run-{number:04d}", {}, [0.7 + number / 10], monitor="val/acc", mode="max")
+    agents = runs / "agents-c"
+    agents.mkdir()
+    (agents / "job.sbatch").write_text("#!/bin/sh\n")
+    (agents / "jobs.txt").write_text("555\n")
+    for task in (0, 1):
+        write_run(runs / f"slurm-555_{task}", {"hidden_dim": 32 * (task + 1)}, [0.3 + task / 10])
+    write_run(runs / "single", {"hidden_dim": 64}, [0.2], test={"test/acc": 0.95})
+    expected = {grid: ["row-0", "row-1"], search: ["run-0000", "run-0001"], agents: ["slurm-555_0", "slurm-555_1"],
+                runs / "single": ["single"]}
+    for directory, names in expected.items():
+        code, out, err = status(directory, "--csv", str(tmp_path / "one.csv"))
+        assert code == 0 and "Traceback" not in err, err
+        assert [row["run"] for row in csv.DictReader((tmp_path / "one.csv").open())] == names
+    assert line_of(status(search, "--csv", str(tmp_path / "s.csv"))[1], "run-0001").split()[1:3] == ["stopped",
+                                                                                                       "early"]
+    code, out, err = status(runs)
+    assert code == 0, err
+    headers = [line for line in out.splitlines() if line.startswith(str(runs))]
+    assert headers == [f"{agents} (wandb agents' job, 2 runs)", f"{grid} (grid, 2 runs)", f"{search} (search, 2 runs)",
+                       f"{runs} (runs, 1 run)"], out  # the agents' runs are theirs, not single runs
+    order = [line.split()[0] for line in out.splitlines() if line.startswith("run-")]
+    assert order == ["run-0001", "run-0000"]  # the search's own metric and goal: val/acc, maximize
