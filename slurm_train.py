@@ -337,9 +337,8 @@ def main(argv: list[str] | None = None) -> int:
             discard(getattr(args, "frozen", None))
         print(f"error: {err}", file=sys.stderr)
         return 1
-    follow = (f"progress:  python sweep.py --status {grid_dir}" if search else
-              f"resume the rows that did not finish:  python slurm_train.py --resume {grid_dir}" if not args.agents else
-              "progress:  the sweep's page on wandb")
+    resume = "" if search or args.agents else f"      resume:  python slurm_train.py --resume {grid_dir}"
+    follow = f"results:  python sweep.py --status {grid_dir}{resume}"
     print(f"submitted job {job} with {command}: {what}\nrun directory: {grid_dir}\n"
           f"watch:  squeue -r -j {job}      logs:  tail -f {grid_dir / f'{label}-{indices[0]}.out'}\n{follow}")
     return 0

@@ -7,6 +7,7 @@
     python sweep.py --list --samples 20 --seed 0   # 20 random draws instead, the same ones on every call
     python slurm_train.py --search --count 40 --max-concurrent 8   # no wandb server: bayes, hyperband, offline
     python sweep.py --status runs/search-20261202-140000-abc123     # that search's runs, best first; status.png
+    python sweep.py --status runs/grid-20261202-140000-abc123 --csv grid.csv   # any grid, job, run or runs/
     ./run_sweep.sh ENTITY/PROJECT/SWEEP_ID [COUNT]                  # agents on this machine, one per GPU
     sbatch --array=0-19%4 sbatch_agent.sh ENTITY/PROJECT/SWEEP_ID   # 20 agent tasks on SLURM, 4 at a time
 
@@ -38,12 +39,6 @@ from support.training import logged_metrics
 from support.training.class_choice import same_class
 from support.training.wandb_access import agent_problem, default_entity, default_project, has_wandb_credentials
 
-with warnings.catch_warnings():  # sweeps 0.2.0 declares pydantic-v1 settings, which pydantic 2 warns about
-    warnings.simplefilter("ignore", UserWarning)
-    import sweeps
-    from sweeps.config import schema as sweeps_schema
-    from sweeps.params import HyperParameter
-
 SWEEP_CONFIG: dict[str, Any] = {
     "name": "mlmodeldev-example",
     "program": "train.py",
@@ -72,6 +67,17 @@ class SweepConfigError(ValueError):
     """A sweep config that wandb or train.py would reject; the message names every offending key, one per line."""
 
 
+def engine() -> Any:
+    """wandb's sweep engine (the `sweeps` package), imported on first use: it loads scipy, half a second that
+    `--status` (login nodes, large tables) does without."""
+    with warnings.catch_warnings():  # sweeps 0.2.0 declares pydantic-v1 settings, which pydantic 2 warns about
+        warnings.simplefilter("ignore", UserWarning)
+        import sweeps
+        import sweeps.config
+        import sweeps.params
+    return sweeps
+
+
 def as_agent_value(value: Any) -> Any:
     """numpy scalars and tuples as the JSON values a wandb agent receives from the server."""
     return json.loads(json.dumps(value, default=lambda v: v.item() if isinstance(v, np.generic) else str(v)))
@@ -79,10 +85,11 @@ def as_agent_value(value: Any) -> Any:
 
 def _check_values(name: str, spec: dict[str, Any]) -> list[Any]:
     """The values of one parameter worth parsing: all listed ones, or the ends and middle of a distribution."""
-    param = HyperParameter(name, spec)
-    if param.type == HyperParameter.CONSTANT:
+    hyper = engine().params.HyperParameter
+    param = hyper(name, spec)
+    if param.type == hyper.CONSTANT:
         return [param.config["value"]]
-    if param.type in (HyperParameter.CATEGORICAL, HyperParameter.CATEGORICAL_PROB):
+    if param.type in (hyper.CATEGORICAL, hyper.CATEGORICAL_PROB):
         return list(param.config["values"])
     return [as_agent_value(param.ppf(q)) for q in (0.01, 0.5, 0.99)]  # ppf(0) or ppf(1) is infinite for some
 
@@ -234,11 +241,11 @@ def validate(config: dict[str, Any] = SWEEP_CONFIG) -> dict[str, Any]:
     raises SweepConfigError naming each bad key."""
     config = with_default_metric(config)
     errors = [f"{'/'.join(map(str, err.absolute_path)) or 'config'}: {err.message}"
-              for err in sweeps_schema.validator.iter_errors(config)]
+              for err in engine().config.schema.validator.iter_errors(config)]
     parameters = config.get("parameters", {})
     if not errors:
         try:  # what the schema cannot express (min < max, probabilities summing to 1), as wandb checks it
-            config = sweeps.SweepConfig(config)
+            config = engine().SweepConfig(config)
         except Exception as err:
             errors += dict.fromkeys(str(getattr(err, "message", err)).splitlines())  # each once, in order
     if errors:
@@ -268,7 +275,7 @@ def grid_configs(config: dict[str, Any] = SWEEP_CONFIG) -> list[dict[str, Any]]:
     """Every combination of the parameters' values (the product), in the order wandb's grid search uses."""
     config = with_default_metric(config)  # every engine call sees the metric the sweep ranks by
     try:
-        runs = sweeps.next_runs({**config, "method": "grid"}, [], validate=True, n=grid_size(config) + 1)
+        runs = engine().next_runs({**config, "method": "grid"}, [], validate=True, n=grid_size(config) + 1)
     except ValueError as err:  # "Parameter X is a disallowed type with grid search ..."
         raise SweepConfigError(str(err)) from None
     return _runs_to_dicts(runs)
@@ -283,7 +290,7 @@ def random_configs(n: int, seed: int = 0, config: dict[str, Any] = SWEEP_CONFIG)
     """n random draws from the parameters' distributions, as wandb's random search draws them but repeating no
     point while the space has unseen ones (support/search/space.py); the same for the same seed. The draws come from
     Python's global `random` (and numpy for some): both are seeded, then restored."""
-    filled = sweeps.SweepConfig(with_default_metric(config))  # wandb's checks and defaults, as its engine has them
+    filled = engine().SweepConfig(with_default_metric(config))  # wandb's checks and defaults, as its engine has them
     states = random.getstate(), np.random.get_state()
     random.seed(seed)
     np.random.seed(seed)
@@ -322,8 +329,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="print each run's train.py command (grid, or --samples)")
     parser.add_argument("--samples", type=int, help="with --list: this many random draws instead of the grid")
     parser.add_argument("--seed", type=int, default=0, help="with --samples: seed of the draws")
-    parser.add_argument("--status", metavar="SEARCH_DIR",
-                        help="the runs of an offline search (slurm_train.py --search), best first, and a plot")
+    parser.add_argument("--status", metavar="DIR",
+                        help="the results table of a grid, a search, an agents' job, a run, or runs/ itself: each "
+                             "run's state (and why it failed), settings, best metric, test metrics and cost")
+    parser.add_argument("--csv", type=Path, help="with --status: also write every run's recorded fields as CSV")
+    parser.add_argument("--markdown", type=Path, help="with --status: the same as a Markdown table")
+    parser.add_argument("--plot", type=Path, help="with --status: a PNG of the metric against each varying setting "
+                                                  "and the learning curves of the best runs")
     parser.add_argument("--check-agent", action="store_true",
                         help="exit 1 with one line if a wandb agent cannot work here (used by the agent scripts)")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the wandb server")
@@ -331,10 +343,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.samples is not None and args.samples < 1:
         parser.error(f"--samples must be at least 1, got {args.samples} (leave it out for the whole grid)")
 
-    if args.status:
+    if args.status:  # no torch: the table comes from the files the runs wrote
+        from support.results.table import show
+        from support.search.records import SEARCH_FILE
         from support.search.status import show_status
 
-        return show_status(Path(args.status))
+        if (Path(args.status) / SEARCH_FILE).is_file() and not (args.csv or args.markdown or args.plot):
+            return show_status(Path(args.status))  # a search's own view: its engine's states, folds, progress plot
+        return show(Path(args.status), args.csv, args.markdown, args.plot)
+    if args.csv or args.markdown or args.plot:
+        parser.error("--csv, --markdown and --plot go with --status DIR")
     if args.check_agent:
         if problem := agent_problem(args.timeout):
             print(f"error: {problem}", file=sys.stderr)

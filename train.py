@@ -136,7 +136,8 @@ class TrainCLI(LightningCLI):
         callbacks = [*(given if isinstance(given, list) else [given] if given else [])] + machinery_callbacks(
             init.checkpoint.dirpath, {"--checkpoint.monitor": init.checkpoint.monitor,
                                       "--early_stopping.monitor": init.early_stopping.monitor},
-            progress=init.trainer.enable_progress_bar is not False)
+            progress=init.trainer.enable_progress_bar is not False,
+            best=(init.checkpoint.monitor, init.checkpoint.mode))
         if init.trainer.logger in (None, True):  # not set by the user: our default wandb logger
             kwargs["logger"] = wandb_logger(self.config.wandb, self.run_dir)
         kwargs["plugins"] = writer.with_atomic_checkpoints(init.trainer.plugins)
@@ -228,7 +229,7 @@ def main(args: list[str] | dict[str, Any] | None = None) -> dict[str, Any]:
                         results = fit_and_test(cli)
                 except BaseException as err:
                     if recording:
-                        provenance.record_end(cli.run_dir, provenance.exit_status(err))
+                        provenance.record_end(cli.run_dir, provenance.exit_status(err), provenance.failure_reason(err))
                     finish_wandb(exit_code=1)  # marks the run as failed, and closes its files first
                     raise
                 if recording:

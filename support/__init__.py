@@ -5,6 +5,7 @@ Nothing here names the example model or data, and nothing here imports a script 
 never needs to read this folder. One package per concern, each importing only the ones below it:
 
     training/   what train.py adds to a Trainer: callbacks, checks of the settings, the CLI's record, wandb
+    results/    `sweep.py --status`: every run's state, cause, metrics and cost, from the files runs write
     search/     the offline search (wandb's engine without a server): records, workers, status table
     slurm/      job arrays: the job scripts, sbatch, packing runs onto GPUs, `--local` rows
     clusters/   cluster profiles (clusters.toml): partitions, #SBATCH headers, environments per architecture

@@ -340,3 +340,13 @@ def test_a_cluster_added_as_one_entry_runs_a_grid_on_the_local_slurm(
         log = (grid / f"row-{row}.out").read_text()
         assert "the lab's set-up ran" in log and f"({platform.machine()}, {sys.executable})" in log, log
         assert (grid / f"row-{row}" / "done").is_file(), log
+
+
+@pytest.mark.parametrize("time, margin", [("08:00:00", 90), ("00:06:00", 90), ("00:05:00", 75), ("00:01:00", 15),
+                                          ("1", 15), ("00:00:10", 5)])
+def test_the_requeue_signal_comes_before_the_limit_even_for_short_jobs(time: str, margin: int):
+    """--signal=SIGUSR1@90 on a job of under 90 s is sent as soon as it starts: Lightning then requeues it at once,
+    forever. A short limit gets a quarter of itself."""
+    header = sbatch_header("x", None, "", {"nodes": 1, "ntasks_per_node": 1, "gpus_per_node": 0, "time": time},
+                           "x.out")
+    assert f"#SBATCH --signal=SIGUSR1@{margin}" in "\n".join(header)

@@ -109,12 +109,24 @@ def record_start(run_dir: Path) -> dict[str, Any]:
     return entry
 
 
-def record_end(run_dir: Path, exit_status: int) -> None:
-    """Closes this process's entry: the end time and exit status (0 done, 1 failed, 143 stopped by a signal)."""
+def record_end(run_dir: Path, exit_status: int, reason: str | None = None) -> None:
+    """Closes this process's entry: the end time, exit status (0 done, 1 failed, 143 stopped by a signal) and, for a
+    failure, its one-line reason (what sweep.py --status shows as the cause)."""
     record = read(run_dir)
     if record["attempts"] and record["attempts"][-1].get("end") is None:
-        record["attempts"][-1].update(end=time.strftime("%Y-%m-%dT%H:%M:%S%z"), exit=exit_status)
+        record["attempts"][-1].update(end=time.strftime("%Y-%m-%dT%H:%M:%S%z"), exit=exit_status, reason=reason)
         write_atomic(run_dir / PROVENANCE_FILE, json.dumps(record, indent=1) + "\n")
+
+
+def failure_reason(err: BaseException) -> str:
+    """One line saying why a run ended with `err`: its own message for the template's one-line errors."""
+    if isinstance(err, SystemExit):
+        return str(err.code).removeprefix("error: ").splitlines()[0] if isinstance(err.code, str) else \
+            f"exit {err.code}"
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted (Ctrl-C)"
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
 
 
 def exit_status(err: BaseException) -> int:
@@ -130,5 +142,5 @@ def trained_with(run_dir: Path) -> dict[str, Any] | None:
     return attempts[-1].get("code") if attempts else None
 
 
-__all__ = ["CODE_RECORD", "PROVENANCE_FILE", "code_identity", "exit_status", "read", "record_end", "record_start",
-           "trained_with"]
+__all__ = ["CODE_RECORD", "PROVENANCE_FILE", "code_identity", "exit_status", "failure_reason", "read", "record_end",
+           "record_start", "trained_with"]

@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from support.clusters.profiles import time_seconds
 from support.errors import LaunchError
 
 
@@ -31,10 +32,19 @@ def sbatch_header(name: str, array: str | None, comment: str, res: dict[str, Any
     if res.get("cpus_per_task"):
         header.append(line(f"--cpus-per-task={res['cpus_per_task']}", "data loading workers + the main process"))
     header += [line(f"--mem={res['mem']}", "memory per node")] if res.get("mem") else []
+    margin = requeue_margin(res["time"])
     return header + [line(f"--time={res['time']}"),
-                     line("--signal=SIGUSR1@90", "to train.py 90 s before the limit: Lightning checkpoints, requeues"),
+                     line(f"--signal=SIGUSR1@{margin}", f"to train.py {margin} s before the limit: Lightning "
+                                                         "checkpoints, requeues"),
                      line("--requeue"), line("--open-mode=append", "a requeued task appends to its log"),
                      line(f"--output={log}", "one log per array task")]
+
+
+def requeue_margin(time: str) -> int:
+    """Seconds before the time limit at which Slurm sends SIGUSR1: 90, or a quarter of a limit under 6 minutes. Slurm
+    sends a signal due before the job starts at once: a 1-minute job with @90 was requeued as soon as it started."""
+    seconds = time_seconds(time) or 0
+    return 90 if seconds >= 360 or seconds == 0 else max(5, seconds // 4)
 
 
 def array_spec(indices: list[int], k: int) -> str:

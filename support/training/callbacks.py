@@ -29,6 +29,7 @@ from support.search.records import RECORD_ENV
 from support.search.report import SearchReport
 from support.training.divergence import StopOnNonFinite
 from support.training.lazy_layers import MaterializeLazyLayers
+from support.training.run_record import RunRecord
 
 
 class LogLineProgress(ProgressBar):
@@ -188,14 +189,16 @@ class LatestCheckpoint(ModelCheckpoint):
         trainer.callbacks = [callback for callback in trainer.callbacks if callback not in latest] + latest
 
 
-def machinery_callbacks(checkpoint_dir: str, monitors: dict[str, str | None], progress: bool) -> list[Callback]:
+def machinery_callbacks(checkpoint_dir: str, monitors: dict[str, str | None], progress: bool,
+                        best: tuple[str | None, str] = (None, "min")) -> list[Callback]:
     """What train.py adds to the Trainer besides Lightning's own callbacks: random states and data position in every
     checkpoint, signals acted on at a batch boundary, last.ckpt at every validation, an early check of the monitored
     metrics, lazy layers given their shapes before DDP wraps the model, a stop at the first non-finite loss or
-    metric, and progress for a terminal (Lightning's bar) or a log file (plain lines)."""
+    metric, the run's metrics and cost in its directory (`best`: the metric and mode that rank it), and progress for
+    a terminal (Lightning's bar) or a log file (plain lines)."""
     callbacks = [ResumeRNGState(), SignalsAtBatchBoundary(checkpoint_dir), ResumableTrainingData(), ExactEpochMeans(),
                  LatestCheckpoint(checkpoint_dir), MonitoredMetricCheck(monitors), MaterializeLazyLayers(),
-                 StopOnNonFinite([*monitors.values()])]
+                 StopOnNonFinite([*monitors.values()]), RunRecord(*best)]
     if record := os.environ.get(RECORD_ENV):  # a run of an offline search (support/search/worker.py)
         callbacks.append(SearchReport(Path(record)))
     if progress:
