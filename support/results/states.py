@@ -84,12 +84,12 @@ def slurm_view(jobs: set[str]) -> SlurmView:
     return view
 
 
-def log_tail(path: Path | None, lines: int = 40) -> list[str]:
+def log_tail(path: Path | None, lines: int = 300) -> list[str]:
     if path is None or not path.is_file():
         return []
     try:
         with open(path, "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - 16384))
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 65536))  # Slurm's "CANCELLED AT" may precede a long traceback
             return f.read().decode(errors="replace").splitlines()[-lines:]
     except OSError:
         return []
