@@ -25,8 +25,8 @@ STATE_ORDER = ("done", "stopped early", "running", "queued", "preempted", "stopp
                "unknown")
 
 
-def number(value: float | None, digits: int = 4) -> str:
-    return "–" if value is None else f"{value:.{digits}g}"
+def number(value: float | None, figures: int = 4) -> str:
+    return "–" if value is None else f"{value:.{figures}g}"
 
 
 def duration(seconds: float | None) -> str:
