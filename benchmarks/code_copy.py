@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import timeit
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,12 +31,7 @@ from support.provenance.snapshot import freeze  # noqa: E402
 
 
 def timed(function, repeats: int) -> float:  # noqa: ANN001 (any callable)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timeit.repeat(function, number=1, repeat=repeats))
 
 
 def main() -> int:

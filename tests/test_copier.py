@@ -16,7 +16,7 @@ import pytest
 import tomllib
 import yaml
 from conftest import QUICK, REPO, copy_of_repo, script_env
-from test_make_it_your_own import OWN_DATASET, OWN_MODEL, edit
+from test_make_it_your_own import OWN_DATASET, OWN_MODEL, edit, make_it_mine
 
 GIT_IDENTITY = {"GIT_AUTHOR_NAME": "Test", "GIT_AUTHOR_EMAIL": "test@example.org", "GIT_COMMITTER_NAME": "Test",
                 "GIT_COMMITTER_EMAIL": "test@example.org"}
@@ -71,14 +71,9 @@ def train(project: Path, *args: str) -> str:
     return ok(project, sys.executable, "train.py", *TINY, *args)
 
 
-def make_it_mine(project: Path, sweep_values: str) -> dict[str, str]:
+def four_places(project: Path, sweep_values: str) -> dict[str, str]:
     """The researcher's own model, dataset, metric and sweep values in the four places; returns those four files."""
-    (project / "model.py").write_text(OWN_MODEL)
-    edit(project / "datamodule.py", "\n\n# Checksums and mirrors", OWN_DATASET + "# Checksums and mirrors")
-    edit(project / "datamodule.py", 'DATASETS: dict[str, DatasetSpec] = {\n',
-         'DATASETS: dict[str, DatasetSpec] = {\n    "blobs": DatasetSpec(1, 4, 255, build_blobs),\n')
-    edit(project / "train.py", "MODEL_CLASS = model.ImageClassifier", "MODEL_CLASS = model.FlatMLP")
-    edit(project / "train.py", 'MONITOR, MONITOR_MODE = "val/loss", "min"', 'MONITOR, MONITOR_MODE = "val/acc", "max"')
+    make_it_mine(project)
     edit(project / "sweep.py", '"model.hidden_dim": {"values": [64, 128, 256]},', sweep_values)
     return {name: (project / name).read_text() for name in ["model.py", "datamodule.py", "train.py", "sweep.py"]}
 
@@ -134,7 +129,7 @@ def test_a_project_made_from_the_template_trains_keeps_its_code_through_updates_
     assert re.search(r"\d+ tests collected", collected) and "test_copier" not in collected
 
     # 2. The researcher's own model, dataset, metric and sweep, in the four places.
-    mine = make_it_mine(project, '"model.hidden_dim": {"values": [16, 32]},\n'
+    mine = four_places(project, '"model.hidden_dim": {"values": [16, 32]},\n'
                                  '        "data.dataset": {"value": "blobs"},')
     edit(project / "README.md", "# my-project\n", "# my-project\n\nBlobs, classified by an MLP.\n")
     commit_all(project, "My model and data")
@@ -299,7 +294,7 @@ def test_a_project_made_at_v0_1_0_takes_the_packaged_support_with_make_update(tm
     copier_copy(template, project, version="v0.1.0")
     ok(project, "git", "init", "-q")
     commit_all(project, "old-project from the template v0.1.0")
-    mine = make_it_mine(project, '"model.hidden_dim": {"values": [16]},')
+    mine = four_places(project, '"model.hidden_dim": {"values": [16]},')
     (project / "my_data.py").write_text(OWN_MODULE)
     commit_all(project, "My model, data and sweep")
 

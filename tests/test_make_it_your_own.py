@@ -79,13 +79,19 @@ def edit(path: Path, old: str, new: str) -> None:
 def own_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The repository as a researcher has it after making it their own (only the documented places edited)."""
     copy = copy_of_repo(tmp_path_factory.mktemp("my-project") / "my-project")
-    (copy / "model.py").write_text(OWN_MODEL)
-    edit(copy / "datamodule.py", "\n\n# Checksums and mirrors", OWN_DATASET + "# Checksums and mirrors")
-    edit(copy / "datamodule.py", 'DATASETS: dict[str, DatasetSpec] = {\n',
-         'DATASETS: dict[str, DatasetSpec] = {\n    "blobs": DatasetSpec(1, 4, 255, build_blobs),\n')
-    edit(copy / "train.py", "MODEL_CLASS = model.ImageClassifier", "MODEL_CLASS = model.FlatMLP")
-    edit(copy / "train.py", 'MONITOR, MONITOR_MODE = "val/loss", "min"', 'MONITOR, MONITOR_MODE = "val/acc", "max"')
+    make_it_mine(copy)
     return copy
+
+
+def make_it_mine(project: Path) -> None:
+    """model.py, datamodule.py and train.py's "What you change" as a researcher edits them: an MLP, a dataset of
+    their own, val/acc maximised."""
+    (project / "model.py").write_text(OWN_MODEL)
+    edit(project / "datamodule.py", "\n\n# Checksums and mirrors", OWN_DATASET + "# Checksums and mirrors")
+    edit(project / "datamodule.py", 'DATASETS: dict[str, DatasetSpec] = {\n',
+         'DATASETS: dict[str, DatasetSpec] = {\n    "blobs": DatasetSpec(1, 4, 255, build_blobs),\n')
+    edit(project / "train.py", "MODEL_CLASS = model.ImageClassifier", "MODEL_CLASS = model.FlatMLP")
+    edit(project / "train.py", 'MONITOR, MONITOR_MODE = "val/loss", "min"', 'MONITOR, MONITOR_MODE = "val/acc", "max"')
 
 
 def run_in(copy: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -57,11 +57,13 @@ class RunRecord(Callback):
         self.started = time.time()
         self.gpu_peaks_mb: list[float] = []
         self.attempt = 0
+        self.fitting = False  # only a fit writes: evaluate.py's test or validation writes nothing into the run
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.run_dir = Path(trainer.default_root_dir)
         if not trainer.is_global_zero or stage != "fit":
             return
+        self.fitting = True
         self.started = process_start()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.append({"monitor": self.monitor, "mode": self.mode, "time": time.time()})
@@ -79,21 +81,21 @@ class RunRecord(Callback):
             self.gpu_peaks_mb = [round(float(v), 1) for v in trainer.strategy.all_gather(peak).reshape(-1)]
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
+        if trainer.sanity_checking or not trainer.is_global_zero or not self.fitting:
             return
         self.append({"epoch": trainer.current_epoch, "step": trainer.global_step, "time": time.time(),
                      "metrics": scalars(trainer.callback_metrics)})
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and self.fitting:  # the test train.py runs after its fit
             self.append({"test": scalars(trainer.callback_metrics), "time": time.time()})
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and self.fitting:
             self.write_cost(trainer, final=False)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        if trainer.is_global_zero and self.run_dir is not None and self.run_dir.is_dir():
+        if trainer.is_global_zero and self.fitting and self.run_dir is not None and self.run_dir.is_dir():
             self.write_cost(trainer, final=False)  # a failed or stopped run keeps its cost up to now
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
