@@ -137,7 +137,7 @@ class TrainCLI(LightningCLI):
             init.checkpoint.dirpath, {"--checkpoint.monitor": init.checkpoint.monitor,
                                       "--early_stopping.monitor": init.early_stopping.monitor},
             progress=init.trainer.enable_progress_bar is not False,
-            best=(init.checkpoint.monitor, init.checkpoint.mode))
+            best=(init.checkpoint.monitor, init.checkpoint.mode) if self.save_config_callback is not None else None)
         if init.trainer.logger in (None, True):  # not set by the user: our default wandb logger
             kwargs["logger"] = wandb_logger(self.config.wandb, self.run_dir)
         kwargs["plugins"] = writer.with_atomic_checkpoints(init.trainer.plugins)

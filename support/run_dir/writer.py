@@ -44,7 +44,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if "://" in str(path) or storage_options is not None:  # remote storage: fsspec's transaction applies
             return super().save_checkpoint(checkpoint, path, storage_options)
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, lambda f: torch.save(checkpoint, f), durable=True)
+        try:
+            write_atomic(path, lambda f: torch.save(checkpoint, f), durable=True)
+        except RuntimeError as err:
+            # A disk that fills while torch writes the archive: closing it then raises "unexpected pos ..." over the
+            # OSError (ENOSPC) that says what happened; that one is the error (train.py names the fix).
+            if isinstance(err.__context__, OSError):
+                raise err.__context__ from None
+            raise
 
 
 # ---- one writer ------------------------------------------------------------------------------------------------------

@@ -190,15 +190,15 @@ class LatestCheckpoint(ModelCheckpoint):
 
 
 def machinery_callbacks(checkpoint_dir: str, monitors: dict[str, str | None], progress: bool,
-                        best: tuple[str | None, str] = (None, "min")) -> list[Callback]:
+                        best: tuple[str | None, str] | None = None) -> list[Callback]:
     """What train.py adds to the Trainer besides Lightning's own callbacks: random states and data position in every
     checkpoint, signals acted on at a batch boundary, last.ckpt at every validation, an early check of the monitored
     metrics, lazy layers given their shapes before DDP wraps the model, a stop at the first non-finite loss or
-    metric, the run's metrics and cost in its directory (`best`: the metric and mode that rank it), and progress for
-    a terminal (Lightning's bar) or a log file (plain lines)."""
+    metric, the run's metrics and cost in its directory (`best`: the metric and mode that rank it; None for a run
+    that records nothing, such as evaluate.py's), and progress for a terminal (Lightning's bar) or a log file."""
     callbacks = [ResumeRNGState(), SignalsAtBatchBoundary(checkpoint_dir), ResumableTrainingData(), ExactEpochMeans(),
                  LatestCheckpoint(checkpoint_dir), MonitoredMetricCheck(monitors), MaterializeLazyLayers(),
-                 StopOnNonFinite([*monitors.values()]), RunRecord(*best)]
+                 StopOnNonFinite([*monitors.values()]), *([RunRecord(*best)] if best else [])]
     if record := os.environ.get(RECORD_ENV):  # a run of an offline search (support/search/worker.py)
         callbacks.append(SearchReport(Path(record)))
     if progress:

@@ -15,6 +15,7 @@ does not hold: those fields stay empty (shown as "–").
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -96,7 +97,8 @@ class RunRecord(Callback):
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if trainer.is_global_zero and self.fitting and self.run_dir is not None and self.run_dir.is_dir():
-            self.write_cost(trainer, final=False)  # a failed or stopped run keeps its cost up to now
+            with contextlib.suppress(OSError):  # best effort: the disk may be what failed
+                self.write_cost(trainer, final=False)  # a failed or stopped run keeps its cost up to now
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.is_global_zero:
