@@ -159,7 +159,8 @@ def classify(run: Run, slurm: SlurmView) -> None:
         run.cause = "no record of a start" if run.state == "unknown" else ""
     elif NAN.search(reason) or any(NAN.search(line) and "diverged" in line for line in tail):
         run.state, run.cause = "stopped for a NaN", (reason or error_line(tail) or "")[:160]
-    elif last is not None and last.get("exit") == 143 and accounted in (None, "preempted"):
+    elif last is not None and last.get("exit") == 143 and accounted in (None, "preempted") and \
+            cause_from_text(tail) in (None, "preempted"):  # a SIGTERM that was scancel or the time limit: failed
         run.state, run.cause = "preempted", (f"{again}; " if again else "") + "saved; --resume continues it"
     else:
         run.state = "failed"
