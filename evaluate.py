@@ -32,7 +32,7 @@ import train
 from support import REPO_DIR
 from support.atomic import write_atomic
 from support.errors import SettingError, warn
-from support.provenance.record import code_identity, trained_with
+from support.provenance.record import code_hash, trained_with
 from support.provenance.snapshot import describe, differing_files
 from support.run_dir.checks import require_checkpoint
 from support.run_dir.config import CONFIG_FILE, require_fit
@@ -58,11 +58,17 @@ def best_checkpoint(run_dir: Path) -> Path:
     raise SettingError(f"{folder} has no best-*.ckpt to choose: give --checkpoint last, or a checkpoint's path")
 
 
+def run_dir_of(target: Path) -> Path:
+    """The run directory of a run directory or of one of its checkpoint files."""
+    if target.is_file():
+        return target.parent.parent if target.parent.name == "checkpoints" else target.parent
+    return target
+
+
 def checkpoint_and_run(target: Path, which: str) -> tuple[Path, Path]:
     """(checkpoint, run directory) for a run directory (best or last checkpoint) or a checkpoint file."""
     if target.is_file():
-        run_dir = target.parent.parent if target.parent.name == "checkpoints" else target.parent
-        checkpoint = target
+        run_dir, checkpoint = run_dir_of(target), target
     elif target.is_dir():
         run_dir = target
         checkpoint = best_checkpoint(run_dir) if which == "best" else run_dir / "checkpoints" / f"{which}.ckpt"
@@ -76,7 +82,7 @@ def code_difference(run_dir: Path) -> tuple[str, Path | None] | None:
     """None when this code is the code the run trained with (or the run has no record of it); else one line saying
     how they differ, and the run's frozen copy if it still exists."""
     trained = trained_with(run_dir)
-    if trained is None or trained.get("hash") == code_identity()["hash"]:
+    if trained is None or trained.get("hash") == code_hash():
         return None
     copy = Path(trained["dir"]) if trained.get("dir") and Path(trained["dir"]).is_dir() else None
     where = f"commit {trained.get('commit') or 'unknown'}{' with uncommitted changes' if trained.get('dirty') else ''}"
@@ -131,8 +137,7 @@ def unwritable(path: Path) -> str | None:
 def run_own_code(target: str, argv: list[str]) -> None:
     """Runs this command again from the run's frozen copy of its code (here: the data and runs stay this project's);
     returns only where this code already is that copy."""
-    path = Path(target).expanduser().resolve()
-    run_dir = path if path.is_dir() else path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    run_dir = run_dir_of(Path(target).expanduser().resolve())
     trained = trained_with(run_dir)
     copy = Path(trained["dir"]) if trained and trained.get("dir") else None
     if copy is None or not (copy / "evaluate.py").is_file():

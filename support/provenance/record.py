@@ -31,6 +31,12 @@ SLURM_IDS = {"job": "SLURM_JOB_ID", "array_job": "SLURM_ARRAY_JOB_ID", "array_ta
              "restarts": "SLURM_RESTART_COUNT"}  # SLURM_RESTART_COUNT: how often Slurm requeued the job
 
 
+def code_hash() -> str:
+    """The content hash of the code this process runs: its frozen copy's, else the working tree's (no git calls)."""
+    copy = read_record(REPO_DIR)
+    return str(copy.get("hash")) if copy is not None else tree_hash(REPO_DIR)
+
+
 def code_identity(run_dir: Path | None = None, attempt: int = 0) -> dict[str, Any]:
     """The code this process runs: its frozen copy's record, or the working tree's (its patch saved in run_dir)."""
     if (copy := read_record(REPO_DIR)) is not None:
@@ -142,5 +148,5 @@ def trained_with(run_dir: Path) -> dict[str, Any] | None:
     return attempts[-1].get("code") if attempts else None
 
 
-__all__ = ["CODE_RECORD", "PROVENANCE_FILE", "code_identity", "exit_status", "failure_reason", "read", "record_end",
-           "record_start", "trained_with"]
+__all__ = ["CODE_RECORD", "PROVENANCE_FILE", "code_hash", "code_identity", "exit_status", "failure_reason", "read",
+           "record_end", "record_start", "trained_with"]
