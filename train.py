@@ -52,7 +52,7 @@ from support.provenance import record as provenance
 from support.run_dir import checks, writer
 from support.run_dir.config import require_fit, with_saved_settings
 from support.slurm import packing
-from support.training import class_choice, linking
+from support.training import class_choice, linking, optimizers
 from support.training.callbacks import LatestCheckpoint, machinery_callbacks, stopped_by_signal
 from support.training.cli import SaveConfigAndLog, parse_only, quiet_known_warnings
 from support.training.wandb_logger import WandbOptions, finish_wandb, wandb_logger
@@ -74,8 +74,8 @@ RUN_DIR_ENV = "TRAIN_RUN_DIR"  # hands the run directory to DDP worker processes
 
 def linked_arguments() -> list[tuple[str, str]]:
     """(name, when) for each LINKED name that the model's constructor takes and the DataModule provides (as a
-    property, class attribute or attribute set in its constructor: once it exists; as a constructor argument: at
-    parsing). One that it does not provide gets one warning saying why (support/training/linking.py)."""
+    constructor argument: at parsing; as a property, class attribute or attribute set in __init__, prepare_data() or
+    setup(): once it exists, after its prepare_data() and setup("fit") if it is not there before). One that it does not provide gets one warning saying why (support/training/linking.py)."""
     return linking.links(LINKED, MODEL_CLASS, DATAMODULE_CLASS)
 
 
@@ -93,7 +93,7 @@ class TrainCLI(LightningCLI):
             parser.add_optimizer_args((torch.optim.Optimizer,))
             parser.set_defaults({"optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 3e-3}}})
         for name, when in linked_arguments():
-            parser.link_arguments(f"data.{name}", f"model.{name}", apply_on=when)
+            linking.link(parser, name, when)
         # Lightning's own callbacks, each configurable from the command line (--early_stopping.patience=10).
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         # The best checkpoint(s) by MONITOR; last.ckpt has a callback of its own (instantiate_trainer).
@@ -122,7 +122,14 @@ class TrainCLI(LightningCLI):
         self.config, self.changed = with_saved_settings(parser, self.config, args, self.run_dir)
 
     def instantiate_classes(self) -> None:
-        super().instantiate_classes()
+        try:
+            super().instantiate_classes()
+        except ValueError as err:  # jsonargparse wraps what a LINKED name's reading raised (the data's setup())
+            if err.__cause__ is None or not str(err).startswith("Call to compute_fn"):
+                raise
+            raise err.__cause__ from None
+        if optimizer_init := self.config_init.get("optimizer"):  # built when fit asks: after setup()'s layers
+            optimizers.build_when_fit_starts(self.model, optimizer_init)
         if checkpoint := checks.checkpoint_file(self.run_dir, self.config.ckpt_path):  # it must load: checked now
             require_fit(self.model, checkpoint, self.changed, self.run_dir,
                                       self.config.trainer.max_epochs)

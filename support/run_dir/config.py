@@ -113,8 +113,9 @@ def with_saved_settings(parser: LightningArgumentParser, config: Namespace, args
 # ---- checkpoints: the settings must fit, and a save is whole or absent -------------------------------------------
 def checkpoint_mismatch(model: LightningModule, checkpoint: dict[str, Any]) -> str | None:
     """Why the checkpoint's weights would not load into `model` (the first differing parameters), or None. Only
-    names and shapes are compared. A model that builds layers later (configure_model) is checked for the shapes of
-    the parameters it already has."""
+    names and shapes are compared. A model that builds layers later (in setup() or configure_model(), after these
+    settings are parsed) is checked for the parameters it already has: their shapes, and that the checkpoint holds
+    them; the checkpoint's other weights may belong to the layers built later."""
     saved = {key: tuple(value.shape) for key, value in checkpoint.get("state_dict", {}).items()
              if isinstance(value, torch.Tensor)}
     state = model.state_dict()
@@ -122,9 +123,11 @@ def checkpoint_mismatch(model: LightningModule, checkpoint: dict[str, Any]) -> s
     built = {key: tuple(value.shape) for key, value in state.items() if key not in lazy}
     problems = [f"{key}: checkpoint {saved[key]}, settings {shape}" for key, shape in built.items()
                 if key in saved and saved[key] != shape]
-    if model.strict_loading and not is_overridden("configure_model", model, LightningModule):
+    builds_later = any(is_overridden(hook, model, LightningModule) for hook in ("setup", "configure_model"))
+    if model.strict_loading:
         problems += [f"{key} missing from the checkpoint" for key in built if key not in saved]
-        problems += [f"{key} not in the model" for key in saved if key not in built and key not in lazy]
+        if not builds_later:
+            problems += [f"{key} not in the model" for key in saved if key not in built and key not in lazy]
     if not problems:
         return None
     return "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")

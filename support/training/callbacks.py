@@ -29,6 +29,7 @@ from support.search.records import RECORD_ENV
 from support.search.report import SearchReport
 from support.training.divergence import StopOnNonFinite
 from support.training.lazy_layers import MaterializeLazyLayers
+from support.training.optimizers import OptimizerChecks
 from support.training.run_record import RunRecord
 
 
@@ -198,7 +199,7 @@ def machinery_callbacks(checkpoint_dir: str, monitors: dict[str, str | None], pr
     that records nothing, such as evaluate.py's), and progress for a terminal (Lightning's bar) or a log file."""
     callbacks = [ResumeRNGState(), SignalsAtBatchBoundary(checkpoint_dir), ResumableTrainingData(), ExactEpochMeans(),
                  LatestCheckpoint(checkpoint_dir), MonitoredMetricCheck(monitors), MaterializeLazyLayers(),
-                 StopOnNonFinite([*monitors.values()]), *([RunRecord(*best)] if best else [])]
+                 OptimizerChecks(), StopOnNonFinite([*monitors.values()]), *([RunRecord(*best)] if best else [])]
     if record := os.environ.get(RECORD_ENV):  # a run of an offline search (support/search/worker.py)
         callbacks.append(SearchReport(Path(record)))
     if progress:
