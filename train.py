@@ -75,7 +75,8 @@ RUN_DIR_ENV = "TRAIN_RUN_DIR"  # hands the run directory to DDP worker processes
 def linked_arguments() -> list[tuple[str, str]]:
     """(name, when) for each LINKED name that the model's constructor takes and the DataModule provides (as a
     constructor argument: at parsing; as a property, class attribute or attribute set in __init__, prepare_data() or
-    setup(): once it exists, after its prepare_data() and setup("fit") if it is not there before). One that it does not provide gets one warning saying why (support/training/linking.py)."""
+    setup(): once it exists, after its prepare_data() and setup("fit") if it is not there before). One that it does
+    not provide gets one warning saying why (support/training/linking.py)."""
     return linking.links(LINKED, MODEL_CLASS, DATAMODULE_CLASS)
 
 

@@ -11,8 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from any_models import TEXT, GAN, BlobData, CharData, EmbeddingInConfigureModel, EmbeddingInSetup, \
-    LinkedVocabulary
+from any_models import GAN, TEXT, BlobData, CharData, EmbeddingInConfigureModel, EmbeddingInSetup, LinkedVocabulary
 from conftest import QUICK
 from pytorch_lightning import Callback
 
@@ -112,7 +111,7 @@ def test_parameters_that_no_optimizer_holds_are_named(monkeypatch: pytest.Monkey
     use(monkeypatch, HeadOnlyOptimizer, CharData)
     fit("--run_dir=run", "--trainer.max_epochs=1")
     warned = [line for line in capsys.readouterr().err.splitlines() if "no optimizer holds" in line]
-    assert warned == [f"warning: embed.weight need(s) gradients but no optimizer holds them, so they will not "
+    assert warned == ["warning: embed.weight need(s) gradients but no optimizer holds them, so they will not "
                       "train: build those layers before configure_optimizers runs (in __init__, setup() or "
                       "configure_model()) and give their parameters to an optimizer, or set requires_grad=False"]
 

@@ -36,7 +36,8 @@ def build_when_fit_starts(model: LightningModule, optimizer_init: dict[str, Any]
 
 def untrained_parameters(model: LightningModule, optimizers: list[Any]) -> list[str]:
     """The names of the parameters that need a gradient but that no optimizer holds."""
-    held = {id(p) for optimizer in optimizers for group in getattr(optimizer, "param_groups", []) for p in group["params"]}
+    held = {id(p) for optimizer in optimizers for group in getattr(optimizer, "param_groups", [])
+            for p in group["params"]}
     return [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in held]
 
 
