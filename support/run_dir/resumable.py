@@ -6,7 +6,8 @@ way Lightning itself puts in its DistributedSampler: a permutation that depends 
 rank, that can start part-way through an epoch. The loader's `state_dict` records (epoch, batches trained), which
 Lightning saves in every checkpoint and hands back on resume, so a resumed run trains on exactly the batches an
 uninterrupted run would. Where that cannot be done (an IterableDataset, a custom sampler or batch_sampler), one
-warning says that a resumed run restarts its interrupted epoch.
+warning says that a resumed run restarts its interrupted epoch. A stream (IterableDataset) is shared out between
+processes and DataLoader workers by support/run_dir/streams.py.
 
 Under DDP the validation and test loaders get ExactShards: every sample on exactly one rank, where Lightning's
 DistributedSampler pads each rank with repeated samples, so metrics counted some samples twice and depended on
@@ -33,6 +34,8 @@ from torch.utils.data import (
     RandomSampler,
     SequentialSampler,
 )
+
+from support.run_dir.streams import needs_sharding, sharded
 
 
 class EpochShuffleSampler(DistributedSampler):
@@ -157,6 +160,8 @@ def with_sampler(loader: DataLoader, sampler: DistributedSampler, seed: int, bat
 def exactly_once(loader: Any, trainer: Trainer, stage: str) -> Any:
     """An evaluation loader with ExactShards under DDP (each sample on one rank, every rank as many batches), or as
     it is, with one warning where that cannot be done (Lightning then pads, as it always did)."""
+    if needs_sharding(loader, trainer.world_size):  # a stream: each rank and worker gets its share
+        return sharded(loader, trainer.global_rank, trainer.world_size, stage)
     if trainer.world_size < 2 or not isinstance(loader, DataLoader) or isinstance(loader.sampler, DistributedSampler):
         return loader  # one process, several loaders (Lightning handles each), or the user's own sharding
     problem = why_not_resumable(loader) or ("it drops its last batch" if loader.drop_last else None)
@@ -203,6 +208,8 @@ class ResumableTrainingData(Callback):
             setattr(owner, hook, wrapped)  # an instance attribute: Lightning calls the hook by name
 
     def resumable(self, loader: Any, trainer: Trainer) -> Any:
+        if needs_sharding(loader, trainer.world_size):
+            loader = sharded(loader, trainer.global_rank, trainer.world_size, "training")
         if not isinstance(loader, DataLoader):
             rank_zero_warn(f"the training data is a {type(loader).__name__}, not one DataLoader: a resumed run "
                            "restarts its interrupted epoch (exact mid-epoch resume needs one map-style DataLoader)")

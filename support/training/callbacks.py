@@ -72,8 +72,9 @@ class LogLineProgress(ProgressBar):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if time.monotonic() - self.last_print >= self.interval:
-            self._print(trainer, pl_module, f"epoch {trainer.current_epoch} batch {batch_idx + 1}/"
-                                            f"{self.total_train_batches}")
+            total = self.total_train_batches  # a stream has no length: Lightning counts it as inf
+            self._print(trainer, pl_module, f"epoch {trainer.current_epoch} batch {batch_idx + 1}"
+                                            + (f"/{total}" if total != float("inf") else ""))
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         seconds = time.monotonic() - self.epoch_start
