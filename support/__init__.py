@@ -4,6 +4,7 @@ Nothing here names the example model or data, and nothing here imports a script 
 (train.py, model.py, datamodule.py, ...): a researcher who makes the template their own edits those scripts and
 never needs to read this folder. One package per concern, each importing only the ones below it:
 
+    contracts/  what `make check` (check.py) measures to name why a contract failed
     training/   what train.py adds to a Trainer: callbacks, checks of the settings, the CLI's record, wandb
     results/    `sweep.py --status`: every run's state, cause, metrics and cost, from the files runs write
     search/     the offline search (wandb's engine without a server): records, workers, status table

@@ -4,6 +4,7 @@ manual optimization with two optimizers (a GAN). Small enough to train in second
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -234,3 +235,39 @@ class GAN(pl.LightningModule):
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         return [torch.optim.Adam(self.generator.parameters(), lr=self.hparams.lr),
                 torch.optim.Adam(self.discriminator.parameters(), lr=self.hparams.lr)]
+
+
+class NoisyTest(EmbeddingInSetup):
+    """Adds noise to its inputs' embedding at test time, from a generator of its own seeded by the clock: no
+    checkpoint's random states give it, so its test metrics change from one evaluation to the next."""
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        noise = torch.randn(len(x), self.hparams.dim, generator=torch.Generator().manual_seed(time.time_ns()))
+        self.log("test/loss", nn.functional.cross_entropy(self.head(self.embed(x).mean(1) + noise), y))
+
+
+class OwnRandom(EmbeddingInSetup):
+    """Scales its loss by a draw from a random.Random of its own (seeded by the OS): no checkpoint restores it."""
+
+    def __init__(self, dim: int = 8, lr: float = 0.05) -> None:
+        super().__init__(dim, lr)
+        import random
+
+        self.draws = random.Random()
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return super().training_step(batch, batch_idx) * (1.0 + self.draws.random())
+
+
+class HiddenTensor(EmbeddingInSetup):
+    """Keeps a running scale in a tensor attribute that is not a registered buffer: no checkpoint holds it."""
+
+    def __init__(self, dim: int = 8, lr: float = 0.05) -> None:
+        super().__init__(dim, lr)
+        self.scale = torch.ones(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.scale = self.scale * 1.01
+        return super().forward(x) * self.scale

@@ -64,7 +64,7 @@ def test_state_outside_the_state_dict_fails_the_resume_contract_naming_it(tmp_pa
     result = check(copy, "--only", "resume")
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
     state, detail = table(result.stdout)["resume"]
-    assert state == "FAILED" and "model attribute calls ends" in detail and "register_buffer" in detail, detail
+    assert state == "FAILED" and "model attribute calls is" in detail and "register_buffer" in detail, detail
     assert "FAILED: resume" in result.stdout
 
 
