@@ -259,10 +259,10 @@ class Checker:
                     "run the same with --trainer.devices=2 --trainer.strategy=ddp to see it whole")
             return self.record("ddp", False, f"2 processes failed: {last.strip()[:300]}; {hint}")
         ranks = ranks_fingerprints(str(out), 2)
-        shared = set(ranks[0].values()) & set(ranks[1].values())
-        if ranks[0] and len(shared) * 2 >= len(ranks[0]):
+        first, shared = set(ranks[0].values()), set(ranks[0].values()) & set(ranks[1].values())
+        if first and len(shared) * 2 >= len(first):
             return self.record("ddp", False, f"the 2 processes trained on the same batches ({len(shared)} of "
-                                             f"{len(ranks[0])} alike): each should get its share. Cause: a sampler "
+                                             f"{len(first)} distinct batches alike): each should get its share. Cause: a sampler "
                                              "or stream that ignores the process's rank (a dataset that says "
                                              "shards_by_rank = True must take only its rank's share)")
         trained = json.loads(out.read_text())

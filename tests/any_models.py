@@ -189,7 +189,7 @@ class BlobData(pl.LightningDataModule):
 class GAN(pl.LightningModule):
     """A generator and a discriminator trained by manual optimization, with an optimizer each: every batch steps
     both, so Lightning's global_step moves twice per batch. val/loss is the discriminator's loss on real and made
-    points (noise drawn from a generator seeded per batch, so a test gives the same value every time)."""
+    points (made from noise that each real point gives, so it is the same on any number of processes)."""
 
     def __init__(self, noise: int = 3, hidden: int = 16, lr: float = 0.01) -> None:
         super().__init__()
@@ -198,9 +198,8 @@ class GAN(pl.LightningModule):
         self.generator = nn.Sequential(nn.Linear(noise, hidden), nn.ReLU(), nn.Linear(hidden, 4))
         self.discriminator = nn.Sequential(nn.Linear(4, hidden), nn.ReLU(), nn.Linear(hidden, 1))
 
-    def noise(self, n: int, seed: int | None = None) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        return torch.randn(n, self.hparams.noise, generator=generator)
+    def noise(self, n: int) -> torch.Tensor:
+        return torch.randn(n, self.hparams.noise)
 
     def discriminator_loss(self, real: torch.Tensor, made: torch.Tensor) -> torch.Tensor:
         bce = nn.functional.binary_cross_entropy_with_logits
@@ -223,7 +222,7 @@ class GAN(pl.LightningModule):
 
     def evaluation_step(self, batch: Any, batch_idx: int, stage: str) -> None:
         real = batch[0]
-        made = self.generator(self.noise(len(real), seed=batch_idx))
+        made = self.generator(real[:, :self.hparams.noise].flip(1))  # noise given by each point: any batching
         self.log(f"{stage}/loss", self.discriminator_loss(real, made), sync_dist=True)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -271,3 +270,13 @@ class HiddenTensor(EmbeddingInSetup):
         if self.training:
             self.scale = self.scale * 1.01
         return super().forward(x) * self.scale
+
+
+class SameStreamEverywhere(Stream):
+    """Says it takes its rank's share (shards_by_rank) but gives every rank the whole stream: a broken shard."""
+
+    shards_by_rank = True
+
+
+class UnshardedStreamData(StreamData):
+    wrap = staticmethod(lambda dataset: SameStreamEverywhere(dataset.samples, dataset.seed))

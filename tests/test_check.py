@@ -83,3 +83,37 @@ def test_bad_options_are_one_line(argv: list[str], words: str):
     result = subprocess.run([sys.executable, str(REPO / "check.py"), *argv], capture_output=True, text=True,
                             timeout=60, env=script_env())
     assert result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr
+
+
+def copy_using(tmp_path: Path, model_class: str, data_class: str) -> Path:
+    """A copy of the project whose train.py trains tests/any_models.py's classes (copied beside it)."""
+    copy = copy_of_repo(tmp_path / "project")
+    (copy / "any_models.py").write_text((REPO / "tests" / "any_models.py").read_text())
+    train = (copy / "train.py").read_text().replace("import model\n", "import any_models\nimport model\n", 1)
+    train = train.replace("MODEL_CLASS = model.ImageClassifier", f"MODEL_CLASS = any_models.{model_class}", 1)
+    train = train.replace("DATAMODULE_CLASS = datamodule.DataModule", f"DATAMODULE_CLASS = any_models.{data_class}", 1)
+    (copy / "train.py").write_text(train.replace('LINKED = ("num_classes", "in_channels")', "LINKED = ()", 1))
+    return copy
+
+
+@pytest.mark.slow
+def test_a_gan_passes_the_ddp_contract_with_the_strategy_it_needs(tmp_path: Path):
+    """Manual optimization of two optimizers leaves the generator's parameters out of the discriminator's backward:
+    plain DDP refuses that, and the contract's hint names the strategy that works; given in ARGS, it is kept (it
+    was overwritten), and the in-process contracts before it leave no process group or port behind (EADDRINUSE)."""
+    copy = copy_using(tmp_path, "GAN", "BlobData")
+    plain = table(check(copy, "--only", "ddp", "--cka.every_n_epochs=0").stdout)
+    assert plain["ddp"][0] == "FAILED" and "--trainer.strategy=ddp_find_unused_parameters_true" in plain["ddp"][1]
+    result = check(copy, "--only", "builds,metric,fit+test,resume,evaluate,ddp", "--cka.every_n_epochs=0",
+                   "--trainer.strategy=ddp_find_unused_parameters_true")  # not sweep: SWEEP_CONFIG is the example's
+    rows = table(result.stdout)
+    assert result.returncode == 0 and all(state == "passed" for state, _ in rows.values()), result.stdout[-3000:]
+    assert "24 optimizer steps" in rows["resume"][1]
+
+
+@pytest.mark.slow
+def test_processes_that_train_on_the_same_batches_fail_the_ddp_contract(tmp_path: Path):
+    copy = copy_using(tmp_path, "StreamModel", "UnshardedStreamData")
+    state, detail = table(check(copy, "--only", "ddp", "--cka.every_n_epochs=0").stdout)["ddp"]
+    assert state == "FAILED" and detail.startswith("the 2 processes trained on the same batches (6 of 6 distinct batches alike)"), \
+        detail
