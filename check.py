@@ -262,9 +262,9 @@ class Checker:
         first, shared = set(ranks[0].values()), set(ranks[0].values()) & set(ranks[1].values())
         if first and len(shared) * 2 >= len(first):
             return self.record("ddp", False, f"the 2 processes trained on the same batches ({len(shared)} of "
-                                             f"{len(first)} distinct batches alike): each should get its share. Cause: a sampler "
-                                             "or stream that ignores the process's rank (a dataset that says "
-                                             "shards_by_rank = True must take only its rank's share)")
+                                             f"{len(first)} distinct batches alike): each should get its share. "
+                                             "Cause: a sampler or stream that ignores the process's rank (a dataset "
+                                             "that says shards_by_rank = True must take only its rank's share)")
         trained = json.loads(out.read_text())
         import evaluate
 

@@ -72,3 +72,6 @@ def quiet_known_warnings() -> None:
 
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")  # in-memory data needs none
     warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")  # Lightning's, not yours
+    # Twice per run on any machine with Slurm's commands (a login node, the tests' cluster): the job scripts start
+    # every Slurm run with srun, and a run started without it on purpose (a login node) needs no hint.
+    warnings.filterwarnings("ignore", message=".*`srun` command is available on your system but is not used.*")
