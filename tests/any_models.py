@@ -280,3 +280,21 @@ class SameStreamEverywhere(Stream):
 
 class UnshardedStreamData(StreamData):
     wrap = staticmethod(lambda dataset: SameStreamEverywhere(dataset.samples, dataset.seed))
+
+
+class ClockShuffled(torch.utils.data.Sampler):
+    """A sampler of its own that shuffles with a generator seeded by the clock: no checkpoint restores its order."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(torch.randperm(self.size, generator=torch.Generator().manual_seed(time.time_ns())).tolist())
+
+
+class OwnSamplerData(CharData):
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=ClockShuffled(len(self.train_set)))

@@ -9,7 +9,8 @@ from __future__ import annotations
 import re
 
 import pytest
-from any_models import GAN, BlobData, CharData, HiddenTensor, NoisyTest, OwnRandom, StreamData, StreamModel
+from any_models import GAN, BlobData, CharData, EmbeddingInSetup, HiddenTensor, LinkedVocabulary, NoisyTest, \
+    OwnRandom, OwnSamplerData, StreamData, StreamModel
 from test_any_model import use
 from test_check import table
 
@@ -24,19 +25,26 @@ def run_check(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, dict[str,
     return code, table(capsys.readouterr().out)
 
 
-def test_a_gan_with_two_optimizers_passes_and_resumes_at_a_batch(monkeypatch: pytest.MonkeyPatch,
-                                                                 capsys: pytest.CaptureFixture) -> None:
-    use(monkeypatch, GAN, BlobData)
+@pytest.mark.parametrize(("model", "data", "linked", "steps"), [
+    (GAN, BlobData, (), 24),  # 2 epochs of 6 batches, each stepping 2 optimizers
+    (EmbeddingInSetup, CharData, (), 12),
+    (LinkedVocabulary, CharData, ("vocab_size",), 12),
+])
+def test_models_built_the_ways_lightning_documents_pass(monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture, model: type, data: type,
+                                                        linked: tuple[str, ...], steps: int) -> None:
+    use(monkeypatch, model, data, linked)
     code, rows = run_check(capsys)
     assert code == 0 and all(state == "passed" for state, _ in rows.values()), rows
-    # 2 epochs of 6 batches, each stepping 2 optimizers: 24 steps. The stop came before batch 3 of epoch 1.
     assert rows["resume"][1] == ("after a stop before batch 3 of epoch 1 and a resume: weights equal bit for bit at "
-                                 "the end (24 optimizer steps)")
+                                 f"the end ({steps} optimizer steps)")
 
 
 @pytest.mark.parametrize(("model", "data", "contract", "cause"), [
     (StreamModel, StreamData, "resume", r"cause: the training data is a stream \(IterableDataset\), which starts "
                                         r"again from its beginning"),
+    (EmbeddingInSetup, OwnSamplerData, "resume", r"cause: the resumed run's batch 3 of epoch 1 is not the "
+                                                 r"uninterrupted run's: the data order is not restored"),
     (OwnRandom, CharData, "resume", r"cause: randomness the checkpoint does not restore: two resumes from the same "
                                     r"checkpoint differ \(.*\)"),
     (HiddenTensor, CharData, "resume", r"cause: model attribute scale is tensor \[[\d.]+\] uninterrupted but "
