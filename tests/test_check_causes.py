@@ -9,8 +9,19 @@ from __future__ import annotations
 import re
 
 import pytest
-from any_models import GAN, BlobData, CharData, EmbeddingInSetup, HiddenTensor, LinkedVocabulary, NoisyTest, \
-    OwnRandom, OwnSamplerData, StreamData, StreamModel
+from any_models import (
+    GAN,
+    BlobData,
+    CharData,
+    EmbeddingInSetup,
+    HiddenTensor,
+    LinkedVocabulary,
+    NoisyTest,
+    OwnRandom,
+    OwnSamplerData,
+    StreamData,
+    StreamModel,
+)
 from test_any_model import use
 from test_check import table
 
