@@ -1,6 +1,6 @@
 """train.py's LINKED: a DataModule attribute set in its constructor is linked to the model's argument of the same
 name; a name the model takes that the DataModule cannot provide gets one warning saying why
-(support/training/linking.py)."""
+(support/training/linking.py). Names the DataModule makes in setup(): tests/test_any_model.py."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ class TwoClasses(ToyData):
 
 class Unlabelled(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
-        self.num_classes = 5  # too late for the model's constructor
+        self.labels = 5  # by another name: nothing provides num_classes
 
 
 def use(monkeypatch: pytest.MonkeyPatch, data_class: type) -> None:
