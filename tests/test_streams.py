@@ -83,9 +83,3 @@ def test_a_stream_on_two_ddp_processes_trains_each_sample_once(tmp_path: Path) -
     assert saved["global_step"] == 12 and int(saved["state_dict"]["samples_seen"]) == 96
     assert "Lightning's padded DistributedSampler" not in result.stderr
 
-
-def test_the_stream_model_counts_what_it_trains_on() -> None:  # the DDP test's measure, on one process
-    model, data = StreamModel(), StreamData()
-    for batch in data.train_dataloader():
-        model.training_step(batch, 0)
-    assert int(model.samples_seen) == 96
