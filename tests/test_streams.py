@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from any_models import Stream, StreamData, StreamModel
+from any_models import Stream
 from conftest import QUICK, REPO, run_script
 from torch.utils.data import DataLoader
 
