@@ -15,9 +15,8 @@ records the declaration (files, checksums, build function), so editing one rebui
 
 To use your own data: write a function that takes the raw directory and returns {"x": uint8 (N, C, H, W),
 "y": int64 (N,)} (optionally also "x_test"/"y_test" for an official test split), and add a DatasetSpec for it to
-DATASETS, with `files=remote_files([mirror URLs], {file name: "sha256:<hex>"})` if it is downloaded (or
-`remote_files(["/abs/path/of/its/folder/"], ...)` for a file of your own: an edit to it is noticed at the next run,
-docs/datasets.md); name it in DEFAULT_DATASET to make it what `python train.py`, sweeps and grids train on.
+DATASETS, with `files=remote_files([mirror URLs], {file name: "sha256:<hex>"})` if it is downloaded; name it in
+DEFAULT_DATASET to make it what `python train.py`, sweeps and grids train on.
 """
 
 from __future__ import annotations
