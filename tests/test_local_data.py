@@ -92,6 +92,38 @@ def test_a_touched_file_with_the_same_bytes_is_read_once_and_then_only_stat_ed(s
     assert path.stat().st_mtime_ns == stamp  # nothing prepared again
 
 
+def test_an_edit_that_keeps_size_and_mtime_and_a_relinked_symlink_are_noticed(source: Path, tmp_path: Path):
+    """`cp -p` or `rsync -t` of another version of the same size keeps the size and mtime: the change time shows it.
+    A symbolic link pointed at another version is watched as the link, not as the file it pointed to first."""
+    link, other = tmp_path / "current.csv", tmp_path / "v2.csv"
+    link.symlink_to(source)
+    other.write_text(EDITED)
+    prepare_dataset("points", Points(source.as_uri(), FIRST), tmp_path / "data")
+    prepare_dataset("points", Points(str(link), FIRST), tmp_path / "linked")
+    link.unlink()
+    link.symlink_to(other)
+    with pytest.raises(DownloadError, match=f"{link} .file points.csv of dataset 'points'. is not the file declared"):
+        prepare_dataset("points", Points(str(link), FIRST), tmp_path / "linked")
+    stat = source.stat()
+    source.write_text(FIRST.replace("0.5", "0.7"))  # the same size
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(DownloadError, match="is not the file declared"):
+        prepare_dataset("points", Points(source.as_uri(), FIRST), tmp_path / "data")
+
+
+def test_a_file_declared_at_another_path_is_read_from_there(source: Path, tmp_path: Path, capsys):
+    """URLs are not in the declaration's fingerprint (a mirror serves the same bytes), so a moved file would have
+    been watched at its old path."""
+    moved = tmp_path / "moved.csv"
+    shutil.copy(source, moved)
+    path = prepare_dataset("points", Points(str(source), FIRST), tmp_path / "data")
+    assert prepare_dataset("points", Points(str(moved), FIRST), tmp_path / "data") == path
+    assert f"points.csv is declared at {moved} now, not at {source}: preparing it again" in capsys.readouterr().out
+    moved.write_text(EDITED)
+    with pytest.raises(DownloadError, match=f"{moved} .file points.csv"):
+        prepare_dataset("points", Points(str(moved), FIRST), tmp_path / "data")
+
+
 def test_after_deleting_data_the_error_is_about_the_local_file(source: Path, tmp_path: Path):
     """Issue 33: with data/ deleted and the file edited, the checksum error said "Check the network and mirror"."""
     url, data = source.as_uri(), tmp_path / "data"
@@ -127,9 +159,12 @@ def test_a_local_mirror_is_watched_too_and_a_dataset_prepared_before_sources_wer
     source.parent.rename(source.parent.parent / "points")
     source = source.parent.parent / "points" / "points.csv"
     path = prepare_dataset("points", spec, data, mirror=mirror)
-    (data / "points" / SOURCES_FILE).unlink()  # as the template before this version left it
-    assert prepare_dataset("points", spec, data, mirror=mirror) == path
-    assert f"no record ({SOURCES_FILE}) of the local files it was prepared from" in capsys.readouterr().out
+    for record in ("", "[]", '{"points.csv": {"size": 3}}'):  # missing (the template before this version), damaged
+        (data / "points" / SOURCES_FILE).unlink()
+        if record:
+            (data / "points" / SOURCES_FILE).write_text(record)
+        assert prepare_dataset("points", spec, data, mirror=mirror) == path
+        assert f"no record ({SOURCES_FILE}) of the local files it was prepared from" in capsys.readouterr().out
     edit(source, EDITED)
     with pytest.raises(DownloadError, match=f"{source} .file points.csv of dataset 'points'. is not the file declared"):
         prepare_dataset("points", spec, data, mirror=mirror)

@@ -5,12 +5,11 @@ prepare_dataset(name, declaration, data_dir) makes DATA_DIR/<name>/data.pt from 
 marker DATA_DIR/<name>/COMPLETE is written last and holds a fingerprint of the declaration (files, checksums, the
 build function's source): a declaration edited since then is rebuilt, not served stale. A file declared at a
 local path (`file:///data/x.csv` or `/data/x.csv`) is copied, not downloaded, and DATA_DIR/<name>/SOURCES records
-its size and modification time: a file edited since is noticed and the dataset prepared again (which its checksum
-then checks). Many processes (DDP ranks, array tasks, separate jobs) may call it at once: one does the work under a
-file lock, the others wait and then reuse it. A call that finds the marker loads nothing and touches no network. In
-a job whose cluster has node-local scratch, the path returned is a verified copy there
-(support/data/local_copy.py). Every failure is one DownloadError line that names the file, the URLs tried (or the
-local file) and what to do.
+its stat: a file edited since is noticed and the dataset prepared again (its checksum then decides). Many processes
+(DDP ranks, array tasks, separate jobs) may call it at once: one does the work under a file lock, the others wait
+and then reuse it. A call that finds the marker loads nothing and touches no network. In a job whose cluster has
+node-local scratch, the path returned is a verified copy there (support/data/local_copy.py). Every failure is one
+DownloadError line that names the file, the URLs tried (or the local file) and what to do.
 """
 
 from __future__ import annotations
@@ -43,7 +42,7 @@ from support.data.local_copy import staged
 
 COMPLETE_MARKER = "COMPLETE"  # written last: a dataset directory without it is never trusted
 PROCESSED_FILE = "data.pt"
-SOURCES_FILE = "SOURCES"  # beside the marker: the local files a dataset was prepared from, with size and mtime
+SOURCES_FILE = "SOURCES"  # beside the marker: the local files a dataset was prepared from, with their stat
 MIRROR_ENV = "DATA_MIRROR"  # a cluster's own mirror, used instead of the declared: http://host/data/{dataset}/
 TIMEOUT_S = 20.0  # a connection or read that waits longer fails (pySmartDL applies it per socket operation)
 MIN_SPEED = 50_000  # bytes/s: a transfer slower than this on average is abandoned, so a trickle cannot hang us
@@ -76,11 +75,12 @@ class RemoteFile:
 
 
 def local_path(url: str) -> Path | None:
-    """The file that a file:// URL (of this host) or a plain path names, made absolute; None for any other URL."""
+    """The file that a file:// URL (of this host) or a plain path names, made absolute; None for any other URL.
+    Symbolic links are kept as named: a link pointed at another version of the file is an edit."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme == "file" and parts.netloc in ("", "localhost"):
-        return Path(urllib.request.url2pathname(parts.path)).resolve()
-    return Path(url).expanduser().resolve() if not parts.scheme else None
+        return Path(urllib.request.url2pathname(parts.path)).absolute()
+    return Path(url).expanduser().absolute() if not parts.scheme else None
 
 
 def urls_for(file: RemoteFile, dataset: str, base: str | None) -> list[str]:
@@ -89,9 +89,11 @@ def urls_for(file: RemoteFile, dataset: str, base: str | None) -> list[str]:
 
 
 def source_identity(path: Path) -> dict[str, object]:
-    """What SOURCES records of a local file: enough to notice an edit without reading it."""
+    """What SOURCES records of a local file: enough to notice an edit without reading it. The change time too: no
+    one can set it, so a copy that keeps the old size and modification time (`cp -p`, `rsync -t`) still shows."""
     stat = path.stat()
-    return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns,
+            "inode": stat.st_ino}
 
 
 def remote_files(mirrors: list[str], checksums: dict[str, str]) -> tuple[RemoteFile, ...]:  # file f is at mirror + f
@@ -235,20 +237,27 @@ def download(file: RemoteFile, urls: list[str], raw: Path, dataset: str) -> dict
 
 
 def changed_sources(root: Path, spec: DatasetDeclaration, dataset: str, base: str | None) -> str | None:
-    """Why the dataset prepared in `root` must be prepared again for its local files, or None. A file whose size and
-    modification time are those recorded is taken as unchanged: a stat costs ~2 us, a SHA-256 of a 170 MB file
-    0.16 s from the page cache (more from a cold shared filesystem), in every process of every run. Only when they
-    differ is the file read: the same bytes (touched, copied over) update the record and need nothing else."""
+    """Why the dataset prepared in `root` must be prepared again for its local files, or None. A file whose stat
+    (size, modification and change times, inode) is the one recorded is taken as unchanged: a stat costs ~2 us, a
+    SHA-256 of a 170 MB file 0.16 s from the page cache (more from a cold shared filesystem), in every process of
+    every run. Only when they differ is the file read: the same bytes (touched, copied over) update the record and
+    need nothing else."""
     local = [file for file in spec.files if any(local_path(url) for url in urls_for(file, dataset, base))]
     if not local:
         return None
     try:
         recorded = json.loads((root / SOURCES_FILE).read_text())
     except (OSError, ValueError):
+        recorded = None
+    if not isinstance(recorded, dict) or not all(entry is None or isinstance(entry, dict) and
+                                                 isinstance(entry.get("path"), str) for entry in recorded.values()):
         return f"no record ({SOURCES_FILE}) of the local files it was prepared from"
     refreshed = dict(recorded)
     for file in local:
         entry = recorded.get(file.name)  # None: it came from elsewhere (a download, a copy put into raw/ by hand)
+        paths = [str(where) for url in urls_for(file, dataset, base) if (where := local_path(url)) is not None]
+        if entry and entry["path"] not in paths:  # URLs are not fingerprinted: a file moved keeps the fingerprint
+            return f"{file.name} is declared at {paths[0]} now, not at {entry['path']}"
         try:
             now = source_identity(Path(entry["path"])) if entry else entry
         except OSError:  # gone: the prepared data holds the declared bytes, so it is still what was asked for
