@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from toy import ToyData
 from wandb_records import wait_for_logged
 
-from support.cka.layers import find_layers, pick_layers
+from support.cka.layers import choose_layers, find_layers, pick_layers
 from support.cka.monitor import CKAMonitor
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -177,6 +177,8 @@ def test_names_the_model_lacks_give_one_warning_and_the_others_are_compared(laye
     (ConfiguredModel, ["blocks"], r"\['blocks'\], a ModuleList/ModuleDict, which has no output"),
     (type("Misnamed", (CharModel,), {"cka_layers": ["embedding"]}), None, r"Misnamed.cka_layers names "
                                                                           r"\['embedding'\], which Misnamed"),
+    (type("Raises", (CharModel,), {"cka_layers": property(lambda self: {}["embed"])}), None,
+     r"Raises.cka_layers raised KeyError: 'embed'"),
 ])
 def test_no_layer_found_turns_cka_off_with_one_warning_and_the_run_goes_on(model_class: type, layers: list | None,
                                                                            words: str, tmp_path: Path):
@@ -275,3 +277,7 @@ def test_a_reference_checkpoint_that_does_not_load_skips_the_comparison_with_one
     assert messages[0].startswith(f"CKAMonitor skips the reference comparison: {tmp_path / 'ref.ckpt'} does not load "
                                   "as a CharModel (RuntimeError: Error(s) in loading state_dict"), messages[0]
     assert callback.names == ["embed", "head"] and heatmaps(tmp_path) == FIT_AND_VALIDATE  # no reference-*.png
+
+
+def test_a_cka_layers_string_names_one_layer() -> None:
+    assert choose_layers(type("OneName", (CharModel,), {"cka_layers": "head"})()) == (["head"], True)

@@ -114,6 +114,7 @@ def choose_layers(model: nn.Module, layers: Sequence[str] | None = None) -> tupl
     """(names, named): `layers` if given, else the model's `cka_layers` if it has any, else `pick_layers(model)`;
     `named` tells whether a person chose them (then each is kept if the model has it, see find_layers)."""
     named = layers or getattr(model, "cka_layers", None)
+    named = [named] if isinstance(named, str) else named  # cka_layers = "embed": one layer, not five letters
     return (list(named), True) if named else (pick_layers(model), False)
 
 

@@ -149,7 +149,10 @@ class CKAMonitor(pl.Callback):
         model has (one warning names the others), else the picked ones; and the reference model, loaded once."""
         if self.every_n_epochs <= 0 or self.off:
             return
-        names, named = choose_layers(pl_module, self.layers)
+        try:
+            names, named = choose_layers(pl_module, self.layers)
+        except Exception as err:  # a cka_layers property with a bug of its own: CKA is no reason to stop the run
+            return self._turn_off(f"{type(pl_module).__name__}.cka_layers raised {type(err).__name__}: {err}")
         self.chosen_by = ("--cka.layers" if self.layers else f"{type(pl_module).__name__}.cka_layers") if named \
             else "picked: its layers with parameters"
         if named:
