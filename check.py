@@ -14,7 +14,7 @@ The contracts, each one line in the table at the end, a failure with its likely 
     evaluate   evaluate.py on the run gives the end-of-training test metrics
     ddp        2 DDP processes (CPU) train, and their test metrics equal one process's evaluation
     sweep      SWEEP_CONFIG validates, and its grid (or 3 draws) passes slurm_train.py's dry run
-    cka        the model's cka_layers exist (CKA on), or CKA is cleanly off
+    cka        the layers CKA compares exist once the model's setup() has run (CKA on), or CKA is cleanly off
 A failed contract names the cause the check measured (support/contracts/probes.py): the batches a resumed run or
 each DDP process trained on, the model's state outside its state_dict, a second resume or evaluation; where none of
 them shows it, it says so and lists what is left. Each contract starts from a clean process state (no process group
@@ -99,7 +99,6 @@ class Checker:
                 return self.skip_rest(CONTRACTS[1:], "the model and data do not build")
             self.record("builds", True, name)
             self.trained = cli.model
-            self.check_cka(cli)
             self.batches = BatchFingerprints()
             cli.trainer.callbacks.extend([SaveMidEpoch(), self.batches])
             try:
@@ -113,7 +112,8 @@ class Checker:
                                 f"with self.log({train.MONITOR!r}, ...) in validation_step, or set MONITOR in train.py")
                 else:
                     self.record("fit+test", False, f"{one_line(err)}")
-                return self.skip_rest(("fit+test", "resume", "evaluate", "ddp"), "the short fit failed")
+                return self.skip_rest(("fit+test", "resume", "evaluate", "ddp", "cka"), "the short fit failed")
+        self.check_cka(cli)  # after the fit: the layers the model's setup() builds exist now
         best = cli.config_init.checkpoint.best_model_score  # by MONITOR (the test has replaced the logged metrics)
         self.record("metric", True, f"{train.MONITOR} logged; best {float(best):.4g} ({train.MONITOR_MODE})"
                     if best is not None else f"{train.MONITOR} logged")
@@ -131,17 +131,18 @@ class Checker:
                 self.record(contract, False, one_line(err) if isinstance(err, Exception) else str(err))
 
     def check_cka(self, cli: Any) -> None:
-        every, layers = cli.config.cka.every_n_epochs, getattr(cli.model, "cka_layers", None)
-        if not every:
+        """What the fit's CKA monitor found when fitting started, after the model's setup() and configure_model()."""
+        from support.cka.monitor import CKAMonitor
+
+        monitor = next((c for c in cli.trainer.callbacks if isinstance(c, CKAMonitor)), None)
+        if monitor is None or monitor.every_n_epochs <= 0:
             return self.record("cka", True, "off (--cka.every_n_epochs=0)")
-        if not layers:
-            return self.record("cka", True, f"off: {type(cli.model).__name__} has no cka_layers")
-        names = dict(cli.model.named_modules())
-        missing = [layer for layer in layers if layer not in names]
-        if missing:
-            return self.record("cka", False, f"cka_layers names {', '.join(missing)}, not modules of the model "
-                                             f"(it has: {', '.join(n for n in names if n)[:200]}): fix cka_layers")
-        self.record("cka", True, f"on, every {every} epoch(s): {', '.join(layers)}")
+        if monitor.layer_problem:  # the run went on without these layers: a name to fix, not a reason to stop
+            return self.record("cka", False, f"{monitor.layer_problem}: fix the name(s)")
+        if monitor.off:
+            return self.record("cka", True, f"off: {monitor.off_reason}")
+        self.record("cka", True, f"on, every {monitor.every_n_epochs} epoch(s): {', '.join(monitor.names)} "
+                                 f"({monitor.chosen_by})")
 
     def resumed_run(self, train: Any, run_dir: Path, mid: str) -> tuple[Any, Any]:
         """A run resumed from `mid` in `run_dir`: its CLI and the fingerprints of the batches it trained on."""

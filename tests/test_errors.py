@@ -30,7 +30,6 @@ def files(tmp_path: Path) -> Path:
     (["--run_dir=afile"], "is a file"),
     (["--run_dir=afile/run"], "is not a directory this user can write"),
     (["--cka.reference_checkpoint=missing.ckpt"], "--cka.reference_checkpoint"),
-    (["--cka.layers=[blocks.0, nosuch]"], "unknown layer name(s) ['nosuch']"),
     (["--data.num_workers=-1"], "num_workers must be at least 0"),
     (["--data.data_dir=afile/data"], "cannot create data directory"),
     (["--optimizer=NoSuchOptimizer"], "--optimizer=NoSuchOptimizer: no such class"),

@@ -32,8 +32,6 @@ CASES = [
     ("ckpt-path-directory", ["train.py", "--ckpt_path={run}"], {}, "is a directory: give a .ckpt file in it"),
     ("cka-reference-missing", ["train.py", "--cka.every_n_epochs=1", "--cka.reference_checkpoint=missing.ckpt"], {},
      "--cka.reference_checkpoint"),
-    ("cka-unknown-layer", ["train.py", "--cka.every_n_epochs=1", "--cka.layers=[blocks.0, nosuch]"], {},
-     "unknown layer name(s) ['nosuch']"),
     ("ckpt-path-missing", ["train.py", "--ckpt_path=missing.ckpt"], {}, "--ckpt_path missing.ckpt does not exist"),
     ("run-dir-a-file", ["train.py", "--run_dir=afile"], {}, "is a file"),
     ("evaluate-json-directory", ["evaluate.py", "{run}", "--json", "."], {}, "--json .: is a directory"),

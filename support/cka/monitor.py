@@ -1,13 +1,15 @@
-"""CKA around training: `CKAMonitor` (the Lightning callback train.py registers as --cka), the forward hooks it
-records layers with (`LayerRecorder`), its heatmap (`plot_cka_heatmap`), the class-path record every checkpoint
-carries, and the comparison of two checkpoints behind `python cka.py A.ckpt B.ckpt` (`compare_checkpoints`, `main`).
-The numerics live in support/cka/numerics.py, which imports nothing of this.
+"""CKA around training: `CKAMonitor` (the Lightning callback train.py registers as --cka), its heatmap
+(`plot_cka_heatmap`), the class-path record every checkpoint carries, and the comparison of two checkpoints behind
+`python cka.py A.ckpt B.ckpt` (`compare_checkpoints`, `main`). Which layers and their forward hooks live in
+support/cka/layers.py, the numerics in support/cka/numerics.py; neither imports this.
 
 Which layers: --cka.layers if given, else the model's `cka_layers` attribute if it has one, else `pick_layers`: the
 model's top-level children that hold parameters (a ModuleList / ModuleDict replaced by its own such children,
-torchmetrics metrics left out). Any LightningModule works: when the picked layers cannot be compared (fewer than
-two, a layer the forward never calls, an output that is no tensor with the batch's size first), the monitor turns
-itself off with one warning and the run goes on; only names the user gave that do not exist stop it, at setup.
+torchmetrics metrics left out). They are looked up when fitting or validating starts, after the model's setup() and
+configure_model(), Lightning's places for layers that depend on the data: layers built there are compared. CKA never
+stops a run: named layers the model does not have are left out with one warning (the others are compared), and when
+nothing can be compared (no layer found, fewer than two picked, a layer the forward never calls, an output that is
+no tensor with the batch's size first), the monitor turns itself off with one warning and the run goes on.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import argparse
 import importlib
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,10 +27,18 @@ import torch
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
-from torchmetrics import Metric
 
 from support import REPO_DIR
 from support.atomic import write_atomic
+from support.cka.layers import (
+    HOW_TO_CHOOSE,
+    LayerOutputError,
+    LayerRecorder,
+    choose_layers,
+    find_layers,
+    model_input,
+    pick_layers,
+)
 from support.cka.numerics import MIN_SAMPLES, MinibatchCKA
 from support.errors import SettingError
 from support.run_dir.checks import require_checkpoint
@@ -40,92 +50,6 @@ __all__ = ["CKAMonitor", "LayerOutputError", "LayerRecorder", "choose_layers", "
            "load_recorded", "main", "pick_layers", "plot_cka_heatmap", "record_class_paths"]
 
 CLASS_PATHS = "class_paths"  # the checkpoint key of the class-path record
-_NO_FORWARD = (nn.ModuleList, nn.ModuleDict)  # containers without a forward, hence without an output to record
-HOW_TO_CHOOSE = ("choose the layers with --cka.layers='[a, b]' (names as in model.named_modules()) or give the "
-                 "model a cka_layers property")
-
-
-class LayerOutputError(RuntimeError):
-    """A recorded layer gave nothing CKA can use: no output in the last forward, or no tensor of the batch's size."""
-
-
-class LayerRecorder:
-    """``with LayerRecorder(model, ["body", "head"]) as rec: model(x); acts = rec.collect()``: the detached outputs
-    (the first tensor of a tuple or list, as an LSTM's) of the named submodules (as in ``model.named_modules()``)
-    in the last forward, in the order of ``names``. Forward hooks are removed on exit."""
-
-    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
-        modules = dict(model.named_modules())
-        if unknown := [name for name in names if name not in modules]:
-            valid = [k for k, m in modules.items() if k and not isinstance(m, _NO_FORWARD)]
-            raise SettingError(f"unknown layer name(s) {unknown}; valid names: {valid}")
-        if containers := [name for name in names if isinstance(modules[name], _NO_FORWARD)]:
-            raise SettingError(f"layer(s) {containers} are containers (ModuleList/ModuleDict) that have no forward, "
-                             "hence no output: name a child module instead")
-        if len(set(names)) != len(names):
-            raise ValueError(f"duplicate layer names in {list(names)}")
-        self.names, self._modules = list(names), [modules[name] for name in names]  # fail here, not mid-epoch
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self.activations: dict[str, Tensor | str] = {}  # a tensor, or the type name of an output that holds none
-
-    def _hook(self, name: str) -> Callable[[nn.Module, object, object], None]:
-        def hook(module: nn.Module, args: object, output: object) -> None:
-            if isinstance(output, (tuple, list)):
-                output = next((o for o in output if isinstance(o, Tensor)), output)
-            self.activations[name] = output.detach() if isinstance(output, Tensor) else type(output).__name__
-        return hook  # never raises: a forward pass is not the place to fail; collect() says what is wrong
-
-    def __enter__(self) -> LayerRecorder:
-        if self._handles:
-            raise RuntimeError("LayerRecorder is already active")
-        self._handles = [m.register_forward_hook(self._hook(n)) for n, m in zip(self.names, self._modules, strict=True)]
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles, self.activations = [], {}
-
-    def collect(self) -> list[Tensor]:
-        """The recorded activations in ``names`` order, each a tensor with the same batch size first; clears them
-        so a stale batch is never returned twice. Raises LayerOutputError otherwise."""
-        if missing := [name for name in self.names if name not in self.activations]:
-            raise LayerOutputError(f"no output recorded for layer(s) {missing}: did the forward pass run through "
-                                   "them?")
-        out, self.activations = [self.activations[name] for name in self.names], {}
-        if bad := {n: a if isinstance(a, str) else "a 0-dim tensor" for n, a in zip(self.names, out, strict=True)
-                   if not isinstance(a, Tensor) or a.dim() == 0}:
-            raise LayerOutputError(f"layer output(s) with no batch dimension to compare: {bad}")
-        sizes = {n: a.shape[0] for n, a in zip(self.names, out, strict=True)}
-        if len(set(sizes.values())) > 1:
-            raise LayerOutputError(f"layer outputs differ in their first (batch) dimension: {sizes}")
-        return out
-
-
-def pick_layers(model: nn.Module) -> list[str]:
-    """The layers compared when none are named: the model's children that hold parameters, in registration order,
-    each ModuleList / ModuleDict replaced by its own such children; torchmetrics metrics are left out."""
-    def walk(module: nn.Module, prefix: str) -> list[str]:
-        names = []
-        for name, child in module.named_children():
-            if isinstance(child, Metric) or next(child.parameters(), None) is None:
-                continue
-            names += walk(child, f"{prefix}{name}.") if isinstance(child, _NO_FORWARD) else [prefix + name]
-        return names
-
-    return walk(model, "")
-
-
-def choose_layers(model: nn.Module, layers: Sequence[str] | None = None) -> tuple[list[str], bool]:
-    """(names, named): `layers` if given, else the model's `cka_layers` if it has any, else `pick_layers(model)`;
-    `named` tells whether a person chose them (a wrong name is then an error, not a reason to turn CKA off)."""
-    named = layers or getattr(model, "cka_layers", None)
-    return (list(named), True) if named else (pick_layers(model), False)
-
-
-def model_input(batch: object) -> Tensor | None:
-    """The input of an (x, y, ...) batch: its first element, if the batch is a tuple or list starting with a tensor."""
-    return batch[0] if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor) else None
 
 
 def plot_cka_heatmap(matrix: Tensor, x_names: Sequence[str], y_names: Sequence[str], path: str | None = None,
@@ -173,8 +97,9 @@ class CKAMonitor(pl.Callback):
     matrix well, and a heatmap costs ~0.1 s to draw, so it runs every 5th epoch on the first 8 batches.
 
     Args:
-        layers: module names as in `model.named_modules()` (ModuleList / ModuleDict are rejected); default: the
-            model's `cka_layers`, else the top-level layers that hold parameters.
+        layers: module names as in `model.named_modules()`, looked up once the model's setup() has run (a name
+            it lacks, or a ModuleList / ModuleDict, is left out with one warning); default: the model's
+            `cka_layers`, else the top-level layers that hold parameters.
         reference_checkpoint: path of a checkpoint to compare against, or None.
         every_n_epochs: compute every n-th training epoch's validation (always in `trainer.validate`); 0: off.
         max_batches: validation batches per computation (None: all of them).
@@ -189,33 +114,85 @@ class CKAMonitor(pl.Callback):
         self.names: list[str] = []
         self.batches = self.skipped = 0
         self.off = False  # turned off for good: the layers cannot be compared (warned once)
+        self.off_reason = self.layer_problem = ""  # why it is off; named layers it left out (for make check)
+        self.chosen_by = ""  # who chose self.names: "--cka.layers", "<Model>.cka_layers" or the picking
+        self.warned: set[str] = set()
         self.reference_off = False  # batches give no input to feed the reference (warned once)
 
     def _turn_off(self, why: str) -> None:
-        self.off = True
+        self.off, self.off_reason = True, why
         self._stop_recording()
-        rank_zero_warn(f"CKAMonitor is off for this run: {why}; {HOW_TO_CHOOSE}")
+        self._warn_once(f"CKAMonitor is off for this run: {why}; {HOW_TO_CHOOSE}")
+
+    def _warn_once(self, message: str) -> None:  # a fit then a validate on one monitor: said once, not twice
+        if message not in self.warned:
+            self.warned.add(message)
+            rank_zero_warn(message)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # The layers are looked up later (on_fit_start, on_validation_start): the model's setup() runs after this.
+        if self.every_n_epochs <= 0 or self.off or not self.reference_checkpoint:
+            return
+        path = Path(self.reference_checkpoint).expanduser()
+        if not path.is_file():  # a setting that can never work: before any training, not after an epoch
+            raise SettingError(f"--cka.reference_checkpoint {path} is not a file: give a local checkpoint")
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._find_layers(trainer, pl_module)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "validate":  # trainer.validate(); a fit's validation uses on_fit_start's layers
+            self._find_layers(trainer, pl_module)
+
+    def _find_layers(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The layers to compare, looked up after the model's setup() and configure_model(): the named ones the
+        model has (one warning names the others), else the picked ones; and the reference model, loaded once."""
         if self.every_n_epochs <= 0 or self.off:
             return
-        self.names, named = choose_layers(pl_module, self.layers)
-        if not named and len(self.names) < 2:
-            return self._turn_off(f"it compares layers, and the model has {len(self.names)} top-level layer(s) "
-                                  f"with parameters {self.names}")
-        LayerRecorder(pl_module, self.names)  # fails now, naming the bad layer, rather than after an epoch
+        try:
+            names, named = choose_layers(pl_module, self.layers)
+        except Exception as err:  # a cka_layers property with a bug of its own: CKA is no reason to stop the run
+            return self._turn_off(f"{type(pl_module).__name__}.cka_layers raised {type(err).__name__}: {err}")
+        self.chosen_by = ("--cka.layers" if self.layers else f"{type(pl_module).__name__}.cka_layers") if named \
+            else "picked: its layers with parameters"
+        if named:
+            layers = find_layers(pl_module, names)
+            self.layer_problem = layers.problem(pl_module, self.chosen_by) or ""
+            if self.layer_problem and not layers.found:
+                return self._turn_off(self.layer_problem)
+            if self.layer_problem:
+                self._warn_once(f"CKAMonitor compares {layers.found} only: {self.layer_problem}; {HOW_TO_CHOOSE}")
+            names = layers.found
+        elif len(names) < 2:
+            return self._turn_off(f"it compares layers, and the model has {len(names)} top-level layer(s) "
+                                  f"with parameters {names}")
+        self.names = names
         self.self_cka = MinibatchCKA(len(self.names))
-        if self.reference_checkpoint and self.reference is None:
-            path = Path(self.reference_checkpoint).expanduser()
-            if not path.is_file():
-                raise SettingError(f"--cka.reference_checkpoint {path} is not a file: give a local checkpoint")
-            reference = type(pl_module).load_from_checkpoint(path, map_location="cpu").eval().requires_grad_(False)
-            # In the dtype the model runs in (bf16-true, 64-true: the precision plugin converts the model too)
-            self.reference = trainer.precision_plugin.convert_module(reference)
+        if self.reference_checkpoint and self.reference is None and not self.reference_off:
+            self.reference = self._load_reference(trainer, pl_module)
+        if self.reference is not None and (missing := find_layers(self.reference, self.names).unknown):
+            self.reference_off = True  # built in setup(), which a loaded checkpoint never ran: self CKA only
+            self._warn_once(f"CKAMonitor skips the reference comparison: the model loaded from "
+                            f"{self.reference_checkpoint} has no layer(s) {missing}")
+        elif self.reference is not None:
             self.cross_cka = MinibatchCKA(len(self.names))
 
+    def _load_reference(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> pl.LightningModule | None:
+        """The reference model in the dtype the model runs in (bf16-true, 64-true: the precision plugin converts
+        the model too), or None with one warning when the checkpoint is not one of this model class."""
+        path = Path(self.reference_checkpoint).expanduser()
+        try:
+            reference = type(pl_module).load_from_checkpoint(path, map_location="cpu")
+        except Exception as err:  # another model's checkpoint, or weights of layers setup() builds: never a stop
+            self.reference_off = True
+            first_line = next(iter(str(err).strip().splitlines()), "")[:300]
+            self._warn_once(f"CKAMonitor skips the reference comparison: {path} does not load as a "
+                            f"{type(pl_module).__name__} ({type(err).__name__}: {first_line})")
+            return None
+        return trainer.precision_plugin.convert_module(reference.eval().requires_grad_(False))
+
     def _due(self, trainer: pl.Trainer) -> bool:
-        if self.every_n_epochs <= 0 or self.off or trainer.sanity_checking:
+        if self.every_n_epochs <= 0 or self.off or not self.names or trainer.sanity_checking:
             return False
         return trainer.state.fn != "fit" or (trainer.current_epoch + 1) % self.every_n_epochs == 0
 
