@@ -42,7 +42,15 @@ from typing import Any
 import sweep
 from support.atomic import write_atomic
 from support.clusters.environments import machine_arch
-from support.clusters.plan import RESOURCES, JobPlan, missing_submit_command, plan_job, storage_notes
+from support.clusters.plan import (
+    RESOURCES,
+    JobPlan,
+    job_account,
+    local_plan,
+    missing_submit_command,
+    plan_job,
+    storage_notes,
+)
 from support.clusters.profiles import load_clusters, partition_table
 from support.errors import LaunchError, one_line
 from support.provenance.snapshot import Snapshot, discard, freeze, summary
@@ -149,12 +157,14 @@ def check_rows(rows: list[dict[str, Any]], extra: list[str], res: dict[str, Any]
 def job_plan(args: argparse.Namespace) -> JobPlan:
     """The job's resources on the chosen cluster (clusters.toml), checked against its limits."""
     clusters = load_clusters()
+    cluster = clusters.get(args.cluster or clusters.default_cluster)
     given = {k: getattr(args, k) for k in RESOURCES}
-    given["account"] = given["account"] or clusters.default_account or None
-    plan = plan_job(clusters.get(args.cluster or clusters.default_cluster), given, check_environment=not args.local)
+    if args.local:  # this machine: no queue rule of any cluster, no account
+        return local_plan(cluster, given)
+    given["account"], notes = job_account(clusters, cluster, args.account)
+    plan = plan_job(cluster, given, preview=args.dry_run)
     plan.local_data = not args.no_local_data
-    if not args.local:
-        plan.notes += storage_notes(plan, Path(args.runs_dir), Path(sys.prefix))
+    plan.notes += notes + storage_notes(plan, Path(args.runs_dir), Path(sys.prefix))
     return plan
 
 
