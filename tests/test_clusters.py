@@ -66,7 +66,7 @@ def site_lines(header: list[str]) -> list[str]:
 
 @pytest.mark.parametrize("argv, site", [
     # Bede's usage page: --account, --partition, --nodes, --gres=gpu:N (1-4), tasks = GPUs; no --mem, no --cpus.
-    (["--cluster", "bede", "--account", "proj", "--gpus-per-node", "4"],
+    (["--cluster", "bede", "--account", "proj", "--partition", "gpu", "--gpus-per-node", "4"],
      ["--partition=gpu", "--account=proj", "--nodes=1", "--ntasks-per-node=4", "--gres=gpu:4", "--time=08:00:00"]),
     (["--cluster", "bede", "--account", "proj", "--partition", "gh"],  # GH200: exactly one GPU per node
      ["--partition=gh", "--account=proj", "--nodes=1", "--ntasks-per-node=1", "--gres=gpu:1", "--time=08:00:00"]),
@@ -102,7 +102,7 @@ def test_hec_without_a_gpu_type_takes_any_gpu_when_the_torch_can_drive_a_v100(ho
 @pytest.mark.parametrize("argv, words", [
     (["--cluster", "bede", "--account", "proj", "--partition", "test", "--time", "01:00:00"],
      "over the limit of N8 CIR Bede's test partition, 30 minutes (00:30:00"),
-    (["--cluster", "bede", "--account", "proj", "--gpus-per-node", "5"], "have at most 4 (4x V100)"),
+    (["--cluster", "bede", "--account", "proj", "--partition", "gpu", "--gpus-per-node", "5"], "have at most 4 (4x V100)"),
     (["--cluster", "bede"], "N8 CIR Bede needs --account PROJECT"),
     (["--cluster", "bede", "--account", "proj", "--mem", "8G"], "drop --mem"),
     (["--cluster", "bede", "--account", "proj", "--gpu-type", "v100"], "documents no GPU types"),
@@ -163,14 +163,37 @@ def test_a_partition_of_an_architecture_without_an_environment_is_refused_naming
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
     monkeypatch.setattr(plan, "current_home", lambda: tmp_path / "empty")
     monkeypatch.delenv("MLMODELDEV_ARCH", raising=False)
-    assert slurm_train.main(["--cluster", "bede", "--account", "proj", "--partition", "gh", *AGENTS]) == 1
+    assert slurm_train.main(["--cluster", "bede", "--account", "proj", "--partition", "gh", *AGENTS[:-1]]) == 1
     err = capsys.readouterr().err
     assert f"no environment for aarch64 under {tmp_path / 'empty'}/aarch64" in err
     assert "in a ghlogin session (ghlogin -A proj), in this repository, run: MLMODELDEV_HOME=" in err
     assert err.rstrip().endswith("make env") and len(err.strip().splitlines()) == 1
-    assert slurm_train.main(["--cluster", "bede", "--account", "proj", *AGENTS]) == 1
+    assert slurm_train.main(["--cluster", "bede", "--account", "proj", "--partition", "gpu", *AGENTS[:-1]]) == 1
     assert capsys.readouterr().err.rstrip().endswith("run: MLMODELDEV_HOME=" + str(tmp_path / "empty") +
                                                      " make env TORCH=system")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the case of issue 35: a preview from an x86-64 machine")
+def test_a_dry_run_previews_every_partition_of_every_cluster_from_a_machine_without_their_environments(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
+    """Issue 35: a dry run for Bede's gpu (ppc64le) or gh (aarch64) from an x86-64 laptop printed no script. Every
+    partition's script is shown; what a submission would lack (an environment, a torch for its GPUs) is a note."""
+    monkeypatch.setattr(plan, "current_home", lambda: tmp_path / "empty")
+    monkeypatch.delenv("MLMODELDEV_ARCH", raising=False)
+    clusters = load_clusters()
+    previewed = []
+    for cluster in clusters.clusters.values():
+        for partition in cluster.partitions.values():
+            argv = ["--cluster", cluster.key, "--partition", partition.name, "--account", "proj", *AGENTS]
+            assert slurm_train.main(argv) == 0, capsys.readouterr().err
+            out, err = capsys.readouterr()
+            assert f"#SBATCH --partition={partition.name}" in out and "sbatch_agent.sh" in out
+            assert not [line for line in err.splitlines() if line.startswith("error")], err
+            if partition.arch != "x86_64":
+                assert f"note: no environment for {partition.arch}" in err and "make env" in err, err
+            previewed.append(f"{cluster.key}/{partition.name}")
+    assert len(previewed) == 9 and "bede/gh" in previewed and "bede/gpu" in previewed
 
 
 def test_each_architecture_gets_its_own_environment_path_from_make():

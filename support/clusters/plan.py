@@ -79,8 +79,8 @@ def local_plan(cluster: Cluster, given: dict[str, Any]) -> JobPlan:
 def plan_job(cluster: Cluster, given: dict[str, Any], check_environment: bool = True,
              preview: bool = False) -> JobPlan:
     """The resources of a job on `cluster` from the options `given` (None: not given), checked; LaunchError else.
-    `preview` (--dry-run): no environment for the partition's architecture is a note, not a refusal, so any
-    partition's script can be seen from any machine."""
+    `preview` (--dry-run): no environment for the partition's architecture, or one whose torch cannot drive its
+    GPUs, is a note, not a refusal, so any partition's script can be seen from any machine (a laptop's has neither)."""
     given = {k: v for k, v in given.items() if v is not None}
     partition = cluster.partition(given.get("partition", cluster.default_partition))
     res: dict[str, Any] = {"partition": partition.name if partition else given.get("partition"),
@@ -104,7 +104,9 @@ def plan_job(cluster: Cluster, given: dict[str, Any], check_environment: bool = 
                 raise LaunchError(missing)
             plan.notes.append(f"note: {missing} (a submission is refused until then; this dry run only shows it)")
         elif check_environment and res["gpus_per_node"] and (problem := _torch_problem(plan)):
-            raise LaunchError(problem)
+            if not preview:
+                raise LaunchError(problem)
+            plan.notes.append(f"note: {problem} (a submission is refused until then)")
         plan.submit = _submit_command(partition)
     return plan
 

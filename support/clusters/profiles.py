@@ -160,9 +160,9 @@ def _checked(table: Any, keys: dict[str, type], where: str) -> dict[str, Any]:
                               f"as one ({_EXAMPLES[keys[key]]})")
         if key in CHOICES and value not in CHOICES[key]:
             raise LaunchError(f"clusters.toml: {where}.{key} = {value!r}: one of {', '.join(CHOICES[key])}")
-        if key in POSITIVE and value < 1:
+        if key in POSITIVE and keys[key] is int and value < 1:
             raise LaunchError(f"clusters.toml: {where}.{key} = {value}: give 1 or more")
-        if key in LIST_OF_STR and not all(isinstance(item, str) for item in value):
+        if key in LIST_OF_STR and keys[key] is list and not all(isinstance(item, str) for item in value):
             raise LaunchError(f"clusters.toml: {where}.{key} = {value!r}: give a list of strings, [\"a\", \"b\"]")
     return table
 
