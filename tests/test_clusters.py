@@ -102,7 +102,8 @@ def test_hec_without_a_gpu_type_takes_any_gpu_when_the_torch_can_drive_a_v100(ho
 @pytest.mark.parametrize("argv, words", [
     (["--cluster", "bede", "--account", "proj", "--partition", "test", "--time", "01:00:00"],
      "over the limit of N8 CIR Bede's test partition, 30 minutes (00:30:00"),
-    (["--cluster", "bede", "--account", "proj", "--partition", "gpu", "--gpus-per-node", "5"], "have at most 4 (4x V100)"),
+    (["--cluster", "bede", "--account", "proj", "--partition", "gpu", "--gpus-per-node", "5"],
+     "have at most 4 (4x V100)"),
     (["--cluster", "bede"], "N8 CIR Bede needs --account PROJECT"),
     (["--cluster", "bede", "--account", "proj", "--mem", "8G"], "drop --mem"),
     (["--cluster", "bede", "--account", "proj", "--gpu-type", "v100"], "documents no GPU types"),
