@@ -295,6 +295,7 @@ bench: env
 	$(PY) benchmarks/cka_validation.py
 	$(PY) benchmarks/launch.py
 	$(PY) benchmarks/packing.py
+	$(PY) benchmarks/grid_check.py
 
 clean-env:
 	rm -rf $(VENV) $(VENV).lock
