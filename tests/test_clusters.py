@@ -295,6 +295,55 @@ def test_a_mistake_in_clusters_toml_is_one_line_naming_the_key(edit: tuple[str, 
         load_clusters(path)
 
 
+@pytest.mark.parametrize("edit, words", [
+    # Issue 34 item 10, and damage nobody named: each is one line naming the file, the key and the fix.
+    (('nodes = ["gh200"]', "nodes = []"), "clusters.bede.partitions.gh.nodes = []: name its node types, keys of "
+                                          "[clusters.bede.nodes] (v100, t4, gh200)"),
+    (('nodes = ["gh200"]', "nodes = [1]"), "clusters.bede.partitions.gh.nodes = [1]: give a list of strings"),
+    (('nodes = ["gh200"]', 'nodes = "gh200"'), "clusters.bede.partitions.gh.nodes = 'gh200' should be a list: "
+                                               'write it as one (a list, ["a", "b"])'),
+    (('arch = "aarch64"\n', ""), "clusters.bede.partitions.gh lacks arch: add it"),
+    (("cpus_per_task = 4\n", 'cpus_per_task = "4"\n'), "clusters.generic.cpus_per_task = '4' should be a int: "
+                                                      "write it as one (a whole number without quotes, 4)"),
+    (('default_cluster = "generic"', 'default_cluster = "jade"'), "default_cluster = 'jade' is not one of its "
+                                                                 "clusters (generic, hec, bede): name one of them"),
+    (('default_cluster = "generic"', 'default_cluster = "generic"\ndefault_account = "bd01"'),
+     "default_account at the top of the file would go to every cluster: move it into the table of the cluster it "
+     'belongs to, [clusters.<name>] default_account = "bd01"'),
+    (("max_array_size = 1001    # UNCONFIRMED: jobarrays", "max_array_size = 0    # UNCONFIRMED: jobarrays"),
+     "clusters.hec.max_array_size = 0: give 1 or more"),
+    (('default_account = ""     # --account', 'default_account = 7     # --account'),
+     "clusters.hec.default_account = 7 should be a str"),
+    (("[clusters.hec.nodes]", "[clusters.hec.nodes]\n[clusters.hec.nodes]"), "is not valid TOML"),
+    (('name = "Lancaster HEC"', 'name = "Lancaster \\HEC"'), "is not valid TOML"),
+    (('[gpus]', 'gpus = 3\n[gpus]'), "is not valid TOML"),
+])
+def test_damage_in_clusters_toml_is_one_line_naming_the_file_the_key_and_the_fix(
+        edit: tuple[str, str], words: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture):
+    path = tmp_path / "clusters.toml"
+    text = (REPO / "clusters.toml").read_text()
+    assert edit[0] in text, edit
+    path.write_text(text.replace(*edit, 1))
+    monkeypatch.setenv("MLMODELDEV_CLUSTERS", str(path))
+    assert slurm_train.main(AGENTS) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith(f"error: {path}") and words in err, err
+
+
+def test_clusters_toml_with_bytes_that_are_not_utf8_is_one_line_naming_the_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
+    path = tmp_path / "clusters.toml"
+    lines = (REPO / "clusters.toml").read_bytes().split(b"\n")
+    lines[40] += b"  # caf\xe9 (Latin-1)"
+    path.write_bytes(b"\n".join(lines))
+    monkeypatch.setenv("MLMODELDEV_CLUSTERS", str(path))
+    assert slurm_train.main(["--clusters"]) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: {path} line 41: bytes that are not UTF-8 (b'\\xe9'); TOML is UTF-8: save the file as " \
+                  "UTF-8 or retype that line\n"
+
+
 def test_the_readmes_example_cluster_is_one_entry_that_works(homes: Path, tmp_path: Path):
     entry = re.search(r"```toml\n(.*?)```", (REPO / "docs" / "clusters.md").read_text(), re.S).group(1)
     (tmp_path / "clusters.toml").write_text((REPO / "clusters.toml").read_text() + entry)
