@@ -167,10 +167,8 @@ def _class_hint(name: str, run: dict[str, Any]) -> str:
 def _cli_errors(parameters: dict[str, dict[str, Any]]) -> list[str]:
     """Parse every value of every parameter as train.py would and check that it arrives unchanged: `--key=None`
     or `--key=1e-05` must mean what the sweep says. Parse j gives every parameter its j-th value (a shorter list
-    starts again), so a sweep of values 10x10x4x4 takes 10 parses, not 1 + 9 + 9 + 3 + 3 (each parse builds
-    train.py's whole parser and model, 0.3 s on 2 cores). A parse that fails is parsed again value by value, each
-    with the others at their first value, to name the parameter."""
-
+    starts again): values 10x10x4x4 take 10 parses, not 1 + 9 + 9 + 3 + 3. A parse that fails is parsed again value
+    by value, each with the others at their first value, to name the parameter."""
     values = {name: _check_values(name, spec) for name, spec in parameters.items()}
     base = {name: vals[0] for name, vals in values.items()}
     errors: dict[str, str] = {}

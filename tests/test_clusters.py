@@ -423,3 +423,69 @@ def test_the_requeue_signal_comes_before_the_limit_even_for_short_jobs(time: str
     header = sbatch_header("x", None, "", {"nodes": 1, "ntasks_per_node": 1, "gpus_per_node": 0, "time": time},
                            "x.out")
     assert f"#SBATCH --signal=SIGUSR1@{margin}" in "\n".join(header)
+
+
+def accounts_file(tmp_path: Path, **accounts: str) -> Path:
+    """clusters.toml with these clusters' default_account set (what `copier copy` writes from the answers)."""
+    lines = (REPO / "clusters.toml").read_text().splitlines(keepends=True)
+    cluster = None
+    for i, line in enumerate(lines):
+        if match := re.match(r"\[clusters\.(\w+)\]", line):
+            cluster = match.group(1)
+        elif line.startswith("default_account = ") and cluster in accounts:
+            lines[i] = f"default_account = {json.dumps(accounts[cluster])}\n"
+    path = tmp_path / "accounts.toml"
+    path.write_text("".join(lines))
+    return path
+
+
+def test_each_cluster_takes_its_own_account_and_never_anothers(homes: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture):
+    """Issue 35: one default_account went to whichever cluster was used (a Bede code into HEC jobs; HEC's code
+    passing Bede's account check)."""
+    def header(*argv: str) -> list[str]:
+        assert slurm_train.main([*argv, *AGENTS]) == 0, capsys.readouterr().err
+        return [line.split()[1] for line in capsys.readouterr().out.splitlines() if line.startswith("#SBATCH ")]
+
+    monkeypatch.setenv("MLMODELDEV_CLUSTERS", str(accounts_file(tmp_path, bede="bdbede01")))  # a Bede project
+    assert not [line for line in header("--cluster", "hec", "--gpu-type", "nvidia_h200_nvl") if "account" in line]
+    assert "--account=bdbede01" in header("--cluster", "bede")
+    assert "--account=other01" in header("--cluster", "bede", "--account", "other01")
+    monkeypatch.setenv("MLMODELDEV_CLUSTERS", str(accounts_file(tmp_path, hec="hecacct01")))  # a HEC project
+    assert "--account=hecacct01" in header("--cluster", "hec", "--gpu-type", "nvidia_h200_nvl")
+    assert slurm_train.main(["--cluster", "bede", *AGENTS]) == 1
+    err = capsys.readouterr().err
+    assert "N8 CIR Bede needs --account PROJECT" in err and "hecacct01" not in err
+    assert "--account=hecacct01" in header("--cluster", "bede", "--account", "hecacct01")  # given: said, not silent
+    monkeypatch.setenv("MLMODELDEV_CLUSTERS", str(accounts_file(tmp_path, hec="hecacct01")))
+    assert slurm_train.main(["--cluster", "bede", "--account", "hecacct01", *AGENTS]) == 0
+    assert "note: --account hecacct01 is Lancaster HEC's account in clusters.toml, given here for N8 CIR Bede" in \
+        capsys.readouterr().err
+
+
+@pytest.mark.parametrize("account", ["bd\u00e9", "a b", "a\nb", 'a"b', "a\\b", "-x", "$(id)", "a;b", ""])
+def test_an_account_that_is_no_slurm_account_name_is_refused_in_one_line(account: str, homes: Path,
+                                                                        tmp_path: Path, capsys: pytest.CaptureFixture):
+    code = slurm_train.main(["--cluster", "bede", f"--account={account}", *AGENTS])
+    err = capsys.readouterr().err
+    if not account:  # --account "": none given, and Bede needs one
+        assert code == 1 and "needs --account PROJECT" in err
+        return
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "is not a Slurm account name" in err, err
+    assert err.startswith(f"error: --account = {account!r}")
+
+
+def test_local_rows_follow_no_queue_rule_of_any_cluster(homes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Issue 35: `--local --gpus-per-node 0` in a Bede project was refused by Bede's rule that GPUs bring a job's
+    CPUs. This machine is no node of Bede: its account, memory, partition and time rules do not apply."""
+    from support.slurm.options import parse_args
+
+    monkeypatch.setenv("MLMODELDEV_CLUSTERS", str(accounts_file(tmp_path)))
+    for argv in (["--cluster", "bede", "--gpus-per-node", "0"], ["--cluster", "bede", "--mem", "4G", "--time", "9-00"],
+                 ["--cluster", "hec", "--partition", "gpu-xl", "--gpus-per-node", "8"]):
+        args, _ = parse_args([*argv, "--local", "--dry-run"])
+        local = slurm_train.job_plan(args)
+        assert local.res["account"] is None and local.partition is None and not local.notes, argv
+        with pytest.raises(LaunchError):  # the same options for a submission: the cluster's rules
+            slurm_train.job_plan(parse_args([*argv, "--account", "proj", "--dry-run"])[0])
