@@ -68,12 +68,15 @@ def test_a_1600_row_grid_is_checked_in_seconds_with_each_distinct_value_parsed(
 
 def test_a_row_that_train_py_refuses_is_still_named_among_combined_parses(tmp_path: Path,
                                                                          capsys: pytest.CaptureFixture):
-    """Values parsed together: one that train.py refuses is found again alone and named (its key and value)."""
-    config = {**BIG, "parameters": {**BIG["parameters"], "model.depth": {"values": [1, 2, 0, 4]}}}
+    """Values parsed together: one that train.py refuses is parsed again alone and named (its key and value), and
+    the values parsed with it are still checked (here a YAML-style "1e-3" that reaches train.py as a number)."""
+    config = {**BIG, "parameters": {**BIG["parameters"], "model.depth": {"values": [1, 2, 0, 4]},
+                                    "optimizer.lr": {"values": [0.001, 0.002, "1e-3", 0.004]}}}  # with depth 0
     (tmp_path / "bad.json").write_text(json.dumps(config))
     assert slurm_train.main(["--local", "--dry-run", "--sweep-config", str(tmp_path / "bad.json")]) == 1
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "parameters/model.depth" in err and "--model.depth=0" in err, err
+    assert "parameters/optimizer.lr: value '1e-3' reaches train.py as 0.001" in err, err
 
 
 @pytest.mark.parametrize("extra, refused", [([], True), (["--runs-per-gpu", "2"], False), (["--local"], False),
