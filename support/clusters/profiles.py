@@ -139,8 +139,8 @@ PARTITION_KEYS: dict[str, type] = {"arch": str, "nodes": list, "max_time": str, 
 NODE_KEYS: dict[str, type] = {"gpu": str, "gres_type": str, "gpus": int, "count": int}
 OPTIONAL = {"nodes", "partitions", "local_scratch", "default_time", "max_gpus_per_user", "submit", "source", "count",
             "max_cuda", "default_account", "max_array_size"}
-# The keys whose integer must be at least 1 (0 or less would refuse every job, or divide by nothing).
-POSITIVE = {"gpus", "max_gpus_per_user", "max_array_size"}
+# The keys whose integer must be at least 1 (0 or less would refuse every job). A node type may have 0 GPUs.
+POSITIVE = {"max_gpus_per_user", "max_array_size"}
 # Lists whose items are names (strings): node types of a partition, shell lines of the set-up.
 LIST_OF_STR = {"nodes", "setup"}
 
