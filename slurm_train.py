@@ -20,8 +20,9 @@ every row's train.py arguments. Each grid gets a new directory, runs/grid-<time>
 row-<i>/ (that run's directory). A row is finished when row-<i>/done exists: the task writes it only after train.py
 exited 0, so a crashed, cancelled or preempted row is not finished and a requeued task resumes its own checkpoints.
 Every row is checked as train.py would check it (constructors included), and the job against the cluster's limits
-(clusters.toml: time, GPUs, account, GPU type, the torch of the environment for the partition's architecture),
-before anything is written or submitted.
+(clusters.toml: time, GPUs, account, GPU type, array size, the torch of the environment for the partition's
+architecture), before anything is written or submitted; --dry-run shows any partition's script from any machine (what
+a submission would lack is a note), and --local rows follow no cluster's queue rules.
 A search (--search) writes search.json, job.sbatch (K workers, support/search/worker.py), worker-<i>.out, and per run
 run-NNNN.json (its record), run-NNNN.out and run-NNNN/; see docs/sweeps.md, "Offline search". With --runs-per-gpu K each
 array task runs K rows (or workers) at once and logs to task-<t>.out (support/slurm/packing.py; docs/slurm.md,
