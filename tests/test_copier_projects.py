@@ -214,3 +214,37 @@ def test_make_update_takes_the_latest_commit_of_a_template_without_tags(template
     assert "No git tags" not in updated.stdout + updated.stderr
     assert "A later commit of the template." in (project / "CHANGELOG.md").read_text()
     assert os.environ.get("MLMODELDEV_CLUSTERS") != str(project / "clusters.toml")
+
+
+# The template before accounts per cluster (one default_account for every cluster, asked for the default cluster).
+ONE_ACCOUNT = "4f54dd11001ca313d62a18bd294139646fb8d1e7"
+
+
+@pytest.mark.slow  # two copies of the template, a copy and an update: 20 s
+def test_make_update_gives_an_old_projects_one_account_to_its_default_cluster_alone(tmp_path: Path):
+    from test_copier import replace_files
+
+    template = tmp_path / "template"
+    template.mkdir()
+    ok(template, "git", "init", "-q")
+    replace_files(template, ONE_ACCOUNT)
+    ok(template, "git", "add", "-A")
+    ok(template, "git", "commit", "-qm", "one account for every cluster")
+    project = tmp_path / "old-bede-project"
+    copy(template, project, "default_cluster=bede", "default_account=bdold01")
+    assert tomllib.loads((project / "clusters.toml").read_text())["default_account"] == "bdold01"
+    ok(project, "git", "init", "-q")
+    ok(project, "git", "add", "-A")
+    ok(project, "git", "commit", "-qm", "old-bede-project")
+    replace_files(template)  # this version
+    ok(template, "git", "add", "-A")
+    ok(template, "git", "commit", "-qm", "accounts per cluster")
+    updated = run(project, "make", "--no-print-directory", "update", f"VENV={sys.prefix}")
+    assert updated.returncode == 0 and "No conflicts" in updated.stdout, updated.stdout + updated.stderr
+    clusters = tomllib.loads((project / "clusters.toml").read_text())
+    assert "default_account" not in clusters and clusters["default_cluster"] == "bede"
+    assert {k: v["default_account"] for k, v in clusters["clusters"].items()} == {
+        "generic": "", "hec": "", "bede": "bdold01"}
+    answers = yaml.safe_load((project / ".copier-answers.yml").read_text())
+    assert answers["bede_account"] == "bdold01" and answers["hec_account"] == "" and "default_account" not in answers
+    assert load_clusters(project / "clusters.toml").get("bede").default_account == "bdold01"
