@@ -8,7 +8,9 @@ partition before anything is written or submitted; and how the job is submitted 
 Refused, each with one line naming the limit and the fix: a --time over the partition's maximum, more GPUs per node
 than its nodes have (or than one user may hold), a missing account where every job names one, a GPU type the
 partition does not have, --mem or --cpus-per-task where each GPU brings its share of the node, no environment
-for the partition's architecture, and a torch in that environment that cannot drive the partition's GPUs.
+for the partition's architecture, and a torch in that environment that cannot drive the partition's GPUs (the last
+two are notes for a dry run: any partition's script can be seen from any machine). The account is the cluster's own
+(job_account); --local rows run on this machine under no cluster's queue rules (local_plan).
 """
 
 from __future__ import annotations
