@@ -315,6 +315,8 @@ def test_a_mistake_in_clusters_toml_is_one_line_naming_the_key(edit: tuple[str, 
     (('default_account = ""     # --account', 'default_account = 7     # --account'),
      "clusters.hec.default_account = 7 should be a str"),
     (("[clusters.hec.nodes]", "[clusters.hec.nodes]\n[clusters.hec.nodes]"), "is not valid TOML"),
+    (('aarch64 = "in a ghlogin', 'aarch64 = 5, x = "in a ghlogin'),
+     "clusters.bede.login = {'ppc64le': 'on a Bede login node', 'aarch64': 5, "),
     (('name = "Lancaster HEC"', 'name = "Lancaster \\HEC"'), "is not valid TOML"),
     (('[gpus]', 'gpus = 3\n[gpus]'), "is not valid TOML"),
 ])

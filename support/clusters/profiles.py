@@ -164,6 +164,9 @@ def _checked(table: Any, keys: dict[str, type], where: str) -> dict[str, Any]:
             raise LaunchError(f"clusters.toml: {where}.{key} = {value}: give 1 or more")
         if key in LIST_OF_STR and keys[key] is list and not all(isinstance(item, str) for item in value):
             raise LaunchError(f"clusters.toml: {where}.{key} = {value!r}: give a list of strings, [\"a\", \"b\"]")
+        if key == "login" and not all(isinstance(item, str) for item in value.values()):
+            raise LaunchError(f"clusters.toml: {where}.login = {value!r}: give each architecture a string, "
+                              "{ aarch64 = \"in a ghlogin session\" }")
     return table
 
 
