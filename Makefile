@@ -214,6 +214,10 @@ define TEMPLATE_REF
 ref=
 if [ -d "$$source" ] && git -C "$$source" rev-parse -q --verify HEAD > /dev/null 2>&1; then
   versions=$$(git -C "$$source" tag -l 'v[0-9]*' --sort=-v:refname)
+  # Copier rebuilds the project's own version to see what the researcher changed: it must be in the template too.
+  git -C "$$source" rev-parse -q --verify "$$before^{commit}" > /dev/null ||
+    { echo "error: this project's template version $$before (_commit in $$answers) is not in the template" \
+        "($$source): a clone without its tags or history? git fetch --tags there, then make update" >&2; exit 1; }
   if [ -n "$$VERSION" ]; then
     git -C "$$source" rev-parse -q --verify "$$VERSION^{commit}" > /dev/null ||
       { echo "error: VERSION=$$VERSION is no tag, branch or commit of the template ($$source), whose versions are" \

@@ -215,6 +215,18 @@ def test_make_update_takes_the_latest_commit_of_a_template_without_tags(template
     assert "A later commit of the template." in (project / "CHANGELOG.md").read_text()
     assert os.environ.get("MLMODELDEV_CLUSTERS") != str(project / "clusters.toml")
 
+    # A template copy that lacks the project's own version (a clone without that tag or history): one line.
+    ok(project, "git", "add", "-A")
+    ok(project, "git", "commit", "-qm", "Template update")
+    ok(template, "git", "reset", "-q", "--hard", "HEAD~1")
+    ok(template, "git", "reflog", "expire", "--expire=now", "--all")
+    ok(template, "git", "gc", "-q", "--prune=now")
+    lost = make_update()
+    errors = [line for line in lost.stderr.splitlines() if not line.startswith("make: ***")]
+    assert lost.returncode != 0 and errors == [
+        f"error: this project's template version {recorded} (_commit in .copier-answers.yml) is not in the template "
+        f"({template}): a clone without its tags or history? git fetch --tags there, then make update"], lost.stderr
+
 
 # The template before accounts per cluster (one default_account for every cluster, asked for the default cluster).
 ONE_ACCOUNT = "4f54dd11001ca313d62a18bd294139646fb8d1e7"
