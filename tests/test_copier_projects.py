@@ -101,8 +101,17 @@ def render(name: str, **answers: str) -> str:
 
 
 @pytest.mark.parametrize("answer", HOSTILE)
-def test_every_hostile_answer_in_every_question_renders_valid_toml(answer: str):
+def test_every_hostile_answer_in_every_question_renders_valid_toml(answer: str, tmp_path: Path):
     keys = ["hec_account", "bede_account", "generic_account"]
+    # default_cluster has no `choices` (a --data value outside them was Copier's traceback): any name renders, and
+    # the project's first slurm_train.py command names the file and the clusters in one line.
+    path = tmp_path / "clusters.toml"
+    path.write_text(render("clusters.toml.jinja", default_cluster=answer, **dict.fromkeys(keys, "")))
+    assert tomllib.loads(path.read_text())["default_cluster"] == answer
+    with pytest.raises(LaunchError) as refused:
+        load_clusters(path)
+    assert str(refused.value).startswith(f"{path}: default_cluster = {answer!r} is not one of its clusters (generic, "
+                                         "hec, bede): name one of them") and "\n" not in str(refused.value)
     text = render("clusters.toml.jinja", default_cluster="bede", **dict.fromkeys(keys, answer))
     clusters = tomllib.loads(text)
     assert clusters["default_cluster"] == "bede"
@@ -197,7 +206,8 @@ def test_make_update_takes_the_latest_commit_of_a_template_without_tags(template
 
     for variables, words in [(["VERSION=v9.9.9"], "error: VERSION=v9.9.9 is no tag, branch or commit of the template"),
                              (["UPDATE_OPTIONS=--bogus"], "error: copier update refused: Unknown switch --bogus"),
-                             (["UPDATE_OPTIONS=--data default_cluster=jade"], "error: copier update refused: ")]:
+                             (["UPDATE_OPTIONS=--data-file /nonexistent.yml"],
+                              "error: copier update refused: Argument of data-file expected to be ExistingFile")]:
         refused = make_update(*variables)
         errors = [line for line in refused.stderr.splitlines() if not line.startswith("make: ***")]
         assert refused.returncode != 0 and len(errors) == 1 and errors[0].startswith(words), refused.stderr
