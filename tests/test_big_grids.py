@@ -79,8 +79,12 @@ def test_a_row_that_train_py_refuses_is_still_named_among_combined_parses(tmp_pa
     assert "parameters/optimizer.lr: value '1e-3' reaches train.py as 0.001" in err, err
 
 
-@pytest.mark.parametrize("extra, refused", [([], True), (["--runs-per-gpu", "2"], False), (["--local"], False),
-                                            (["--sample", "1001"], False)])
+# Refused before the rows are checked (fast); the grids that fit have all 1,600 rows checked and printed (slow).
+FITS = [pytest.param(extra, False, marks=pytest.mark.slow)
+        for extra in (["--runs-per-gpu", "2"], ["--local"], ["--sample", "1001"])]
+
+
+@pytest.mark.parametrize("extra, refused", [([], True), *FITS])
 def test_a_grid_over_the_clusters_max_array_size_is_refused_in_one_line_naming_the_limit(
         extra: list[str], refused: bool, big_grid: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture):
