@@ -206,6 +206,36 @@ test: env
 check: env
 	$(PY) check.py $(ARGS)
 
+# Which template version `make update` takes, said once and given to Copier as --vcs-ref: VERSION's (checked first,
+# for a template in a directory: a tag, branch or commit it has), else the newest version tag, else (a clone, fork or
+# download without tags) its latest commit. Copier alone printed "No git tags found" twice, and a VERSION the
+# template lacks was a 69-line traceback. Sets $ref (empty: Copier's own choice, for a template given by URL).
+define TEMPLATE_REF
+ref=
+if [ -d "$$source" ] && git -C "$$source" rev-parse -q --verify HEAD > /dev/null 2>&1; then
+  versions=$$(git -C "$$source" tag -l 'v[0-9]*' --sort=-v:refname)
+  # Copier rebuilds the project's own version to see what the researcher changed: it must be in the template too.
+  git -C "$$source" rev-parse -q --verify "$$before^{commit}" > /dev/null ||
+    { echo "error: this project's template version $$before (_commit in $$answers) is not in the template" \
+        "($$source): a clone without its tags or history? git fetch --tags there, then make update" >&2; exit 1; }
+  if [ -n "$$VERSION" ]; then
+    git -C "$$source" rev-parse -q --verify "$$VERSION^{commit}" > /dev/null ||
+      { echo "error: VERSION=$$VERSION is no tag, branch or commit of the template ($$source), whose versions are" \
+          "$$(echo $$versions | grep . || echo 'none: it has no tags (git fetch --tags there)'): give one of them," \
+          "or leave VERSION out for the newest" >&2; exit 1; }
+    ref=$$VERSION
+    echo "Taking the template's $$ref ($$(git -C "$$source" rev-parse --short "$$ref^{commit}"))."
+  elif [ -n "$$versions" ]; then
+    ref=$$(head -n 1 <<< "$$versions")
+    echo "Taking the template's newest version, $$ref."
+  else
+    ref=HEAD
+    echo "Taking the template's latest commit, $$(git -C "$$source" rev-parse --short HEAD): it has no version tags" \
+      "(a clone without them: git fetch --tags in $$source brings them)."
+  fi
+fi
+endef
+
 # Copier's own update (a three-way merge: your changes re-applied onto the new version), with the answers recorded in
 # .copier-answers.yml (--defaults) and conflicts written into the files (--conflict inline) rather than left aside
 # in .rej files; then every file with conflict markers or a .rej file is listed. Copier refuses a dirty tree too,
@@ -223,7 +253,19 @@ source=$$(sed -nE 's/^_src_path: *//p' $$answers)
   { echo "error: the template ($$source, _src_path in $$answers) is not a directory from here: write its git URL or absolute path there, commit, then make update" >&2; exit 1; }
 version() { sed -nE 's/^_commit: *//p' $$answers; }
 before=$$(version)
-$(PY) -m copier update --quiet --defaults --conflict inline $(if $(VERSION),--vcs-ref $(VERSION)) $(UPDATE_OPTIONS)
+$(TEMPLATE_REF)
+# Copier's own failures (an option it does not know, an answer its validator refuses) are a usage text or a
+# traceback of 40-70 lines: its own last word, in one line.
+copier_output=$$(mktemp); trap 'rm -f "$$copier_output"' EXIT
+if ! $(PY) -m copier update --quiet --defaults --conflict inline $${ref:+--vcs-ref "$$ref"} $(UPDATE_OPTIONS) \
+    > "$$copier_output" 2>&1; then
+  reason=$$(grep -E '^([A-Za-z_.]*Error|Error): ' "$$copier_output" | tail -n 1 | sed -E 's/^[A-Za-z_.]*Error: //')
+  changed=$$([ -z "$$(git status --porcelain)" ] && echo "nothing was changed" ||
+    echo "git checkout -- . && git clean -fd undoes what it changed")
+  echo "error: copier update refused: $${reason:-$$(tail -n 1 "$$copier_output")}; $$changed" >&2
+  exit 1
+fi
+cat "$$copier_output"  # its warnings, if any
 after=$$(version)
 conflicts=$$(git ls-files -co --exclude-standard | while read -r f; do
   case $$f in *.rej) echo $$f;; *) grep -qE '^(<<<<<<<|>>>>>>>) ' $$f 2>/dev/null && echo $$f || true;; esac; done | sort -u)
@@ -242,7 +284,7 @@ endef
 export UPDATE_PROJECT
 
 update: env
-	@bash -c "$$UPDATE_PROJECT"
+	@VERSION='$(subst ','\'',$(VERSION))' bash -c "$$UPDATE_PROJECT"
 
 lint: env
 	$(PY) -m ruff check .
@@ -257,6 +299,7 @@ bench: env
 	$(PY) benchmarks/cka_validation.py
 	$(PY) benchmarks/launch.py
 	$(PY) benchmarks/packing.py
+	$(PY) benchmarks/grid_check.py
 
 clean-env:
 	rm -rf $(VENV) $(VENV).lock

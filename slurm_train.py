@@ -20,8 +20,9 @@ every row's train.py arguments. Each grid gets a new directory, runs/grid-<time>
 row-<i>/ (that run's directory). A row is finished when row-<i>/done exists: the task writes it only after train.py
 exited 0, so a crashed, cancelled or preempted row is not finished and a requeued task resumes its own checkpoints.
 Every row is checked as train.py would check it (constructors included), and the job against the cluster's limits
-(clusters.toml: time, GPUs, account, GPU type, the torch of the environment for the partition's architecture),
-before anything is written or submitted.
+(clusters.toml: time, GPUs, account, GPU type, array size, the torch of the environment for the partition's
+architecture), before anything is written or submitted; --dry-run shows any partition's script from any machine (what
+a submission would lack is a note), and --local rows follow no cluster's queue rules.
 A search (--search) writes search.json, job.sbatch (K workers, support/search/worker.py), worker-<i>.out, and per run
 run-NNNN.json (its record), run-NNNN.out and run-NNNN/; see docs/sweeps.md, "Offline search". With --runs-per-gpu K each
 array task runs K rows (or workers) at once and logs to task-<t>.out (support/slurm/packing.py; docs/slurm.md,
@@ -42,13 +43,22 @@ from typing import Any
 import sweep
 from support.atomic import write_atomic
 from support.clusters.environments import machine_arch
-from support.clusters.plan import RESOURCES, JobPlan, missing_submit_command, plan_job, storage_notes
+from support.clusters.plan import (
+    RESOURCES,
+    JobPlan,
+    job_account,
+    local_plan,
+    missing_submit_command,
+    plan_job,
+    storage_notes,
+)
 from support.clusters.profiles import load_clusters, partition_table
 from support.errors import LaunchError, one_line
 from support.provenance.snapshot import Snapshot, discard, freeze, summary
 from support.run_dir.checks import tasks_devices_mismatch, timestamped_name
 from support.search.launch import extra_problem, new_search, render_search_script, unfinished_search
 from support.search.records import SEARCH_FILE
+from support.slurm.array_limit import array_problem
 from support.slurm.jobs import active_jobs, array_spec, sbatch_header, submit, written_concurrency
 from support.slurm.local_rows import run_local, stop_orphans
 from support.slurm.options import parse_args
@@ -114,19 +124,33 @@ def _parse(argv: list[str], index: int) -> Any:
         raise LaunchError(f"row {index} ({shlex.join(argv)}): train.py rejects it: {one_line(err)}") from None
 
 
+def _value_groups(rows: list[dict[str, Any]]) -> dict[str, dict[str, tuple[tuple[tuple[str, Any], ...], int]]]:
+    """group (a key, or a class key with the keys below it) -> its distinct values (as JSON: a class value is a
+    dict) -> those values and the first row that has them."""
+    classes = {key for row in rows for key, value in row.items() if isinstance(value, dict)}
+
+    def group_of(key: str) -> str:
+        parts = key.split(".")
+        return next((owner for i in range(1, len(parts)) if (owner := ".".join(parts[:i])) in classes), key)
+
+    groups: dict[str, dict[str, tuple[tuple[tuple[str, Any], ...], int]]] = {}
+    for index, row in enumerate(rows):
+        members: dict[str, list[tuple[str, Any]]] = {}
+        for key in sorted(row):
+            members.setdefault(group_of(key), []).append((key, row[key]))
+        for group, items in members.items():
+            groups.setdefault(group, {}).setdefault(json.dumps(items, default=str), (tuple(items), index))
+    return groups
+
+
 def check_rows(rows: list[dict[str, Any]], extra: list[str], res: dict[str, Any]) -> None:
     """Parse the rows with their appended arguments as train.py would, and check that each run's devices and
     nodes match the job's tasks (Lightning needs one srun task per device; a mismatch fails late or hangs).
-    Keys only depend on the keys of their own group (optimizer.lr on --optimizer=SGD: a class and its arguments),
-    so each parse takes the next distinct values of every group: 1,000 rows of 10x10x10 values take 10 parses,
-    the first being row 0. When one fails, its groups are parsed alone to name the row."""
-    # group -> its distinct values (as JSON: a class value is a dict) -> those values and their first row
-    groups: dict[str, dict[str, tuple[tuple[tuple[str, Any], ...], int]]] = {}
-    for index, row in enumerate(rows):
-        for key in sorted(row):
-            prefix = key.split(".")[0]
-            items = tuple(sorted((k, v) for k, v in row.items() if k.split(".")[0] == prefix))
-            groups.setdefault(prefix, {}).setdefault(json.dumps(items, default=str), (items, index))
+    Each parse takes the next distinct value of every key: 1,600 rows of model.* values 10x10x4x4 take 10 parses,
+    the first being row 0 (grouped by their first word, as before, they took 1,600: 3 min 54 s, issue 35). A key
+    below a class the sweep chooses (optimizer.lr under optimizer={"class_path": ...}) means something only with
+    that class, so it goes with it. When a parse fails, its groups are parsed alone to name the row."""
+    groups = _value_groups(rows)
     tables = [list(values.values()) for values in groups.values()]
     tasks, gpus, nodes = res["ntasks_per_node"], res["gpus_per_node"], res["nodes"]
     for j in range(max(len(table) for table in tables)):
@@ -149,12 +173,14 @@ def check_rows(rows: list[dict[str, Any]], extra: list[str], res: dict[str, Any]
 def job_plan(args: argparse.Namespace) -> JobPlan:
     """The job's resources on the chosen cluster (clusters.toml), checked against its limits."""
     clusters = load_clusters()
+    cluster = clusters.get(args.cluster or clusters.default_cluster)
     given = {k: getattr(args, k) for k in RESOURCES}
-    given["account"] = given["account"] or clusters.default_account or None
-    plan = plan_job(clusters.get(args.cluster or clusters.default_cluster), given, check_environment=not args.local)
+    if args.local:  # this machine: no queue rule of any cluster, no account
+        return local_plan(cluster, given)
+    given["account"], notes = job_account(clusters, cluster, args.account)
+    plan = plan_job(cluster, given, preview=args.dry_run)
     plan.local_data = not args.no_local_data
-    if not args.local:
-        plan.notes += storage_notes(plan, Path(args.runs_dir), Path(sys.prefix))
+    plan.notes += notes + storage_notes(plan, Path(args.runs_dir), Path(sys.prefix))
     return plan
 
 
@@ -222,6 +248,7 @@ def start_grid(args: argparse.Namespace, extra: list[str], plan: JobPlan) -> tup
     (none for --dry-run, which prints the script and the rows instead)."""
     config = load_sweep_config(args.sweep_config)
     _, rows = enumerate_rows(config, args.sample, args.seed)
+    refuse_large_array(args, task_count(len(rows), args.runs_per_gpu), len(rows), plan)
     check_rows(rows, extra, plan.res)  # before anything is written: a bad row fails here, not in the queue
     grid_dir, per_gpu = new_run_dir(args, "grid-"), args.runs_per_gpu
     code = frozen_code(args).dir
@@ -246,7 +273,14 @@ def start_grid(args: argparse.Namespace, extra: list[str], plan: JobPlan) -> tup
     return grid_dir, list(range(tasks))
 
 
+def refuse_large_array(args: argparse.Namespace, tasks: int, rows: int, plan: JobPlan) -> None:
+    """A job array over the cluster's MaxArraySize is refused before anything is written (--local has no array)."""
+    if not args.local and (problem := array_problem(plan, tasks, rows, args.runs_per_gpu)):
+        raise LaunchError(problem)
+
+
 def start_agents(args: argparse.Namespace, plan: JobPlan) -> tuple[Path, list[int]]:
+    refuse_large_array(args, args.count, args.count, plan)
     agents_dir = new_run_dir(args, "agents-")
     script = render_agents_script(agents_dir, args.agents, args.count, args.max_concurrent, plan,
                                   args.job_name or "sweep-agent", frozen_code(args).dir)

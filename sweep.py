@@ -165,17 +165,25 @@ def _class_hint(name: str, run: dict[str, Any]) -> str:
 
 
 def _cli_errors(parameters: dict[str, dict[str, Any]]) -> list[str]:
-    """Parse every value of every parameter as train.py would (one at a time, the others at their first value)
-    and check that it arrives unchanged: `--key=None` or `--key=1e-05` must mean what the sweep says."""
-
+    """Parse every value of every parameter as train.py would and check that it arrives unchanged: `--key=None`
+    or `--key=1e-05` must mean what the sweep says. Parse j gives every parameter its j-th value (a shorter list
+    starts again): values 10x10x4x4 take 10 parses, not 1 + 9 + 9 + 3 + 3. A parse that fails is parsed again value
+    by value, each with the others at their first value, to name the parameter."""
     values = {name: _check_values(name, spec) for name, spec in parameters.items()}
     base = {name: vals[0] for name, vals in values.items()}
     errors: dict[str, str] = {}
     culprits: dict[str, str] = {}  # the same error recurs in every later trial: find its parameter once
-    for run in [base] + [{**base, name: v} for name, vals in values.items() for v in vals[1:]]:
+    width = max((len(vals) for vals in values.values()), default=1)
+    trials = [({name: vals[j % len(vals)] for name, vals in values.items()}, j) for j in range(width)]
+    while trials:
+        run, j = trials.pop(0)
         try:
             parsed = _parse(run)
         except Exception as err:  # jsonargparse's ArgumentError, or TypeError/ValueError from a constructor
+            if j > 0:  # values together: each alone on the first values (j = -1: not split again)
+                trials[:0] = [({**base, name: value}, -1) for name, value in run.items()
+                              if j % len(values[name]) != 0]
+                continue
             message = one_line(err)
             if message not in culprits:
                 culprits[message] = _culprit(run, message)

@@ -19,11 +19,12 @@ pytest_plugins = ["slurm_fixtures", "mount_fixtures"]  # local Slurm, small file
 
 def pytest_configure(config: pytest.Config) -> None:
     """The tests expect the template's own defaults: the generic cluster, no account. A project made with other
-    answers (copier.yml: default_cluster, default_account) runs them with a copy of its clusters.toml that has
-    those two reset ($MLMODELDEV_CLUSTERS, seen by every script the tests start); its own file stays as it is."""
+    answers (copier.yml: default_cluster, hec_account, bede_account, generic_account) runs them with a copy of its
+    clusters.toml that has those reset ($MLMODELDEV_CLUSTERS, seen by every script the tests start); its own file
+    stays as it is. Whole lines are replaced: an answer may hold escaped quotes."""
     text = (REPO / "clusters.toml").read_text()
-    reset = re.sub(r'(?m)^default_cluster = "[^"\n]*"', 'default_cluster = "generic"', text)
-    reset = re.sub(r'(?m)^default_account = "[^"\n]*"', 'default_account = ""', reset)
+    reset = re.sub(r"(?m)^default_cluster = .*$", 'default_cluster = "generic"', text)
+    reset = re.sub(r"(?m)^default_account = .*$", 'default_account = ""', reset)
     if reset != text and "MLMODELDEV_CLUSTERS" not in os.environ:
         folder = Path(tempfile.mkdtemp(prefix="clusters-"))
         (folder / "clusters.toml").write_text(reset)

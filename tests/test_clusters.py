@@ -66,7 +66,7 @@ def site_lines(header: list[str]) -> list[str]:
 
 @pytest.mark.parametrize("argv, site", [
     # Bede's usage page: --account, --partition, --nodes, --gres=gpu:N (1-4), tasks = GPUs; no --mem, no --cpus.
-    (["--cluster", "bede", "--account", "proj", "--gpus-per-node", "4"],
+    (["--cluster", "bede", "--account", "proj", "--partition", "gpu", "--gpus-per-node", "4"],
      ["--partition=gpu", "--account=proj", "--nodes=1", "--ntasks-per-node=4", "--gres=gpu:4", "--time=08:00:00"]),
     (["--cluster", "bede", "--account", "proj", "--partition", "gh"],  # GH200: exactly one GPU per node
      ["--partition=gh", "--account=proj", "--nodes=1", "--ntasks-per-node=1", "--gres=gpu:1", "--time=08:00:00"]),
@@ -102,7 +102,8 @@ def test_hec_without_a_gpu_type_takes_any_gpu_when_the_torch_can_drive_a_v100(ho
 @pytest.mark.parametrize("argv, words", [
     (["--cluster", "bede", "--account", "proj", "--partition", "test", "--time", "01:00:00"],
      "over the limit of N8 CIR Bede's test partition, 30 minutes (00:30:00"),
-    (["--cluster", "bede", "--account", "proj", "--gpus-per-node", "5"], "have at most 4 (4x V100)"),
+    (["--cluster", "bede", "--account", "proj", "--partition", "gpu", "--gpus-per-node", "5"],
+     "have at most 4 (4x V100)"),
     (["--cluster", "bede"], "N8 CIR Bede needs --account PROJECT"),
     (["--cluster", "bede", "--account", "proj", "--mem", "8G"], "drop --mem"),
     (["--cluster", "bede", "--account", "proj", "--gpu-type", "v100"], "documents no GPU types"),
@@ -163,14 +164,37 @@ def test_a_partition_of_an_architecture_without_an_environment_is_refused_naming
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
     monkeypatch.setattr(plan, "current_home", lambda: tmp_path / "empty")
     monkeypatch.delenv("MLMODELDEV_ARCH", raising=False)
-    assert slurm_train.main(["--cluster", "bede", "--account", "proj", "--partition", "gh", *AGENTS]) == 1
+    assert slurm_train.main(["--cluster", "bede", "--account", "proj", "--partition", "gh", *AGENTS[:-1]]) == 1
     err = capsys.readouterr().err
     assert f"no environment for aarch64 under {tmp_path / 'empty'}/aarch64" in err
     assert "in a ghlogin session (ghlogin -A proj), in this repository, run: MLMODELDEV_HOME=" in err
     assert err.rstrip().endswith("make env") and len(err.strip().splitlines()) == 1
-    assert slurm_train.main(["--cluster", "bede", "--account", "proj", *AGENTS]) == 1
+    assert slurm_train.main(["--cluster", "bede", "--account", "proj", "--partition", "gpu", *AGENTS[:-1]]) == 1
     assert capsys.readouterr().err.rstrip().endswith("run: MLMODELDEV_HOME=" + str(tmp_path / "empty") +
                                                      " make env TORCH=system")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the case of issue 35: a preview from an x86-64 machine")
+def test_a_dry_run_previews_every_partition_of_every_cluster_from_a_machine_without_their_environments(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
+    """Issue 35: a dry run for Bede's gpu (ppc64le) or gh (aarch64) from an x86-64 laptop printed no script. Every
+    partition's script is shown; what a submission would lack (an environment, a torch for its GPUs) is a note."""
+    monkeypatch.setattr(plan, "current_home", lambda: tmp_path / "empty")
+    monkeypatch.delenv("MLMODELDEV_ARCH", raising=False)
+    clusters = load_clusters()
+    previewed = []
+    for cluster in clusters.clusters.values():
+        for partition in cluster.partitions.values():
+            argv = ["--cluster", cluster.key, "--partition", partition.name, "--account", "proj", *AGENTS]
+            assert slurm_train.main(argv) == 0, capsys.readouterr().err
+            out, err = capsys.readouterr()
+            assert f"#SBATCH --partition={partition.name}" in out and "sbatch_agent.sh" in out
+            assert not [line for line in err.splitlines() if line.startswith("error")], err
+            if partition.arch != "x86_64":
+                assert f"note: no environment for {partition.arch}" in err and "make env" in err, err
+            previewed.append(f"{cluster.key}/{partition.name}")
+    assert len(previewed) == 9 and "bede/gh" in previewed and "bede/gpu" in previewed
 
 
 def test_each_architecture_gets_its_own_environment_path_from_make():
@@ -271,6 +295,57 @@ def test_a_mistake_in_clusters_toml_is_one_line_naming_the_key(edit: tuple[str, 
         load_clusters(path)
 
 
+@pytest.mark.parametrize("edit, words", [
+    # Issue 34 item 10, and damage nobody named: each is one line naming the file, the key and the fix.
+    (('nodes = ["gh200"]', "nodes = []"), "clusters.bede.partitions.gh.nodes = []: name its node types, keys of "
+                                          "[clusters.bede.nodes] (v100, t4, gh200)"),
+    (('nodes = ["gh200"]', "nodes = [1]"), "clusters.bede.partitions.gh.nodes = [1]: give a list of strings"),
+    (('nodes = ["gh200"]', 'nodes = "gh200"'), "clusters.bede.partitions.gh.nodes = 'gh200' should be a list: "
+                                               'write it as one (a list, ["a", "b"])'),
+    (('arch = "aarch64"\n', ""), "clusters.bede.partitions.gh lacks arch: add it"),
+    (("cpus_per_task = 4\n", 'cpus_per_task = "4"\n'), "clusters.generic.cpus_per_task = '4' should be a int: "
+                                                      "write it as one (a whole number without quotes, 4)"),
+    (('default_cluster = "generic"', 'default_cluster = "jade"'), "default_cluster = 'jade' is not one of its "
+                                                                 "clusters (generic, hec, bede): name one of them"),
+    (('default_cluster = "generic"', 'default_cluster = "generic"\ndefault_account = "bd01"'),
+     "default_account at the top of the file would go to every cluster: move it into the table of the cluster it "
+     'belongs to, [clusters.<name>] default_account = "bd01"'),
+    (("max_array_size = 1001    # UNCONFIRMED: jobarrays", "max_array_size = 0    # UNCONFIRMED: jobarrays"),
+     "clusters.hec.max_array_size = 0: give 1 or more"),
+    (('default_account = ""     # --account', 'default_account = 7     # --account'),
+     "clusters.hec.default_account = 7 should be a str"),
+    (("[clusters.hec.nodes]", "[clusters.hec.nodes]\n[clusters.hec.nodes]"), "is not valid TOML"),
+    (('aarch64 = "in a ghlogin', 'aarch64 = 5, x = "in a ghlogin'),
+     "clusters.bede.login = {'ppc64le': 'on a Bede login node', 'aarch64': 5, "),
+    (('name = "Lancaster HEC"', 'name = "Lancaster \\HEC"'), "is not valid TOML"),
+    (('[gpus]', 'gpus = 3\n[gpus]'), "is not valid TOML"),
+])
+def test_damage_in_clusters_toml_is_one_line_naming_the_file_the_key_and_the_fix(
+        edit: tuple[str, str], words: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture):
+    path = tmp_path / "clusters.toml"
+    text = (REPO / "clusters.toml").read_text()
+    assert edit[0] in text, edit
+    path.write_text(text.replace(*edit, 1))
+    monkeypatch.setenv("MLMODELDEV_CLUSTERS", str(path))
+    assert slurm_train.main(AGENTS) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith(f"error: {path}") and words in err, err
+
+
+def test_clusters_toml_with_bytes_that_are_not_utf8_is_one_line_naming_the_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
+    path = tmp_path / "clusters.toml"
+    lines = (REPO / "clusters.toml").read_bytes().split(b"\n")
+    lines[40] += b"  # caf\xe9 (Latin-1)"
+    path.write_bytes(b"\n".join(lines))
+    monkeypatch.setenv("MLMODELDEV_CLUSTERS", str(path))
+    assert slurm_train.main(["--clusters"]) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: {path} line 41: bytes that are not UTF-8 (b'\\xe9'); TOML is UTF-8: save the file as " \
+                  "UTF-8 or retype that line\n"
+
+
 def test_the_readmes_example_cluster_is_one_entry_that_works(homes: Path, tmp_path: Path):
     entry = re.search(r"```toml\n(.*?)```", (REPO / "docs" / "clusters.md").read_text(), re.S).group(1)
     (tmp_path / "clusters.toml").write_text((REPO / "clusters.toml").read_text() + entry)
@@ -350,3 +425,69 @@ def test_the_requeue_signal_comes_before_the_limit_even_for_short_jobs(time: str
     header = sbatch_header("x", None, "", {"nodes": 1, "ntasks_per_node": 1, "gpus_per_node": 0, "time": time},
                            "x.out")
     assert f"#SBATCH --signal=SIGUSR1@{margin}" in "\n".join(header)
+
+
+def accounts_file(tmp_path: Path, **accounts: str) -> Path:
+    """clusters.toml with these clusters' default_account set (what `copier copy` writes from the answers)."""
+    lines = (REPO / "clusters.toml").read_text().splitlines(keepends=True)
+    cluster = None
+    for i, line in enumerate(lines):
+        if match := re.match(r"\[clusters\.(\w+)\]", line):
+            cluster = match.group(1)
+        elif line.startswith("default_account = ") and cluster in accounts:
+            lines[i] = f"default_account = {json.dumps(accounts[cluster])}\n"
+    path = tmp_path / "accounts.toml"
+    path.write_text("".join(lines))
+    return path
+
+
+def test_each_cluster_takes_its_own_account_and_never_anothers(homes: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture):
+    """Issue 35: one default_account went to whichever cluster was used (a Bede code into HEC jobs; HEC's code
+    passing Bede's account check)."""
+    def header(*argv: str) -> list[str]:
+        assert slurm_train.main([*argv, *AGENTS]) == 0, capsys.readouterr().err
+        return [line.split()[1] for line in capsys.readouterr().out.splitlines() if line.startswith("#SBATCH ")]
+
+    monkeypatch.setenv("MLMODELDEV_CLUSTERS", str(accounts_file(tmp_path, bede="bdbede01")))  # a Bede project
+    assert not [line for line in header("--cluster", "hec", "--gpu-type", "nvidia_h200_nvl") if "account" in line]
+    assert "--account=bdbede01" in header("--cluster", "bede")
+    assert "--account=other01" in header("--cluster", "bede", "--account", "other01")
+    monkeypatch.setenv("MLMODELDEV_CLUSTERS", str(accounts_file(tmp_path, hec="hecacct01")))  # a HEC project
+    assert "--account=hecacct01" in header("--cluster", "hec", "--gpu-type", "nvidia_h200_nvl")
+    assert slurm_train.main(["--cluster", "bede", *AGENTS]) == 1
+    err = capsys.readouterr().err
+    assert "N8 CIR Bede needs --account PROJECT" in err and "hecacct01" not in err
+    assert "--account=hecacct01" in header("--cluster", "bede", "--account", "hecacct01")  # given: said, not silent
+    monkeypatch.setenv("MLMODELDEV_CLUSTERS", str(accounts_file(tmp_path, hec="hecacct01")))
+    assert slurm_train.main(["--cluster", "bede", "--account", "hecacct01", *AGENTS]) == 0
+    assert "note: --account hecacct01 is Lancaster HEC's account in clusters.toml, given here for N8 CIR Bede" in \
+        capsys.readouterr().err
+
+
+@pytest.mark.parametrize("account", ["bd\u00e9", "a b", "a\nb", 'a"b', "a\\b", "-x", "$(id)", "a;b", ""])
+def test_an_account_that_is_no_slurm_account_name_is_refused_in_one_line(account: str, homes: Path,
+                                                                        tmp_path: Path, capsys: pytest.CaptureFixture):
+    code = slurm_train.main(["--cluster", "bede", f"--account={account}", *AGENTS])
+    err = capsys.readouterr().err
+    if not account:  # --account "": none given, and Bede needs one
+        assert code == 1 and "needs --account PROJECT" in err
+        return
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "is not a Slurm account name" in err, err
+    assert err.startswith(f"error: --account = {account!r}")
+
+
+def test_local_rows_follow_no_queue_rule_of_any_cluster(homes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Issue 35: `--local --gpus-per-node 0` in a Bede project was refused by Bede's rule that GPUs bring a job's
+    CPUs. This machine is no node of Bede: its account, memory, partition and time rules do not apply."""
+    from support.slurm.options import parse_args
+
+    monkeypatch.setenv("MLMODELDEV_CLUSTERS", str(accounts_file(tmp_path)))
+    for argv in (["--cluster", "bede", "--gpus-per-node", "0"], ["--cluster", "bede", "--mem", "4G", "--time", "9-00"],
+                 ["--cluster", "hec", "--partition", "gpu-xl", "--gpus-per-node", "8"]):
+        args, _ = parse_args([*argv, "--local", "--dry-run"])
+        local = slurm_train.job_plan(args)
+        assert local.res["account"] is None and local.partition is None and not local.notes, argv
+        with pytest.raises(LaunchError):  # the same options for a submission: the cluster's rules
+            slurm_train.job_plan(parse_args([*argv, "--account", "proj", "--dry-run"])[0])

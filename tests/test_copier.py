@@ -23,7 +23,8 @@ GIT_IDENTITY = {"GIT_AUTHOR_NAME": "Test", "GIT_AUTHOR_EMAIL": "test@example.org
 # One epoch of a few batches: each training here is one torch process, most of it importing torch and Lightning.
 TINY = [*QUICK, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
         "--trainer.limit_test_batches=1", "--cka.every_n_epochs=0", "--run_dir=runs/tiny"]  # runs/: ignored by git
-TEMPLATE_ONLY = ["copier.yml", "tests/test_copier.py", "docs/template.md", "skeleton", "model.py.jinja"]
+TEMPLATE_ONLY = ["copier.yml", "tests/test_copier.py", "tests/test_copier_projects.py", "docs/template.md", "skeleton",
+                 "model.py.jinja"]
 
 
 def run(cwd: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -85,7 +86,7 @@ from support.clusters.profiles import load_clusters
 cleanups = []
 conftest.pytest_configure(type("Config", (), {"add_cleanup": lambda self, f: cleanups.append(f)})())
 clusters = load_clusters()
-print(clusters.default_cluster, repr(clusters.default_account))
+print(clusters.default_cluster, repr(clusters.get("hec").default_account))
 for cleanup in cleanups:
     cleanup()
 """
@@ -94,8 +95,9 @@ for cleanup in cleanups:
 def test_copier_questions_offer_every_cluster_of_clusters_toml():
     questions = yaml.safe_load((REPO / "copier.yml").read_text())
     clusters = tomllib.loads((REPO / "clusters.toml").read_text())
-    assert questions["default_cluster"]["choices"] == list(clusters["clusters"]), \
-        "copier.yml's default_cluster choices differ from the clusters of clusters.toml: list the same ones"
+    assert questions["default_cluster"]["help"].endswith(" - " + ", ".join(list(clusters["clusters"])[:-1]) + " or "
+                                                         + list(clusters["clusters"])[-1]), \
+        "copier.yml's default_cluster help names other clusters than clusters.toml has: name the same ones"
     assert questions["default_cluster"]["default"] == clusters["default_cluster"]
 
 
@@ -104,7 +106,7 @@ def test_a_project_made_from_the_template_trains_keeps_its_code_through_updates_
     # 1. Template v1.0.0 -> a project, committed; it trains, its tests collect.
     template = make_template(tmp_path)
     project = tmp_path / "my-project"
-    copier_copy(template, project, "wandb_entity=my-team", "default_cluster=hec", "default_account=proj-123")
+    copier_copy(template, project, "wandb_entity=my-team", "default_cluster=hec", "hec_account=proj-123")
     for name in TEMPLATE_ONLY:
         assert not (project / name).exists(), f"{name} is the template's own and must stay out of projects"
     for name in ["model.py", "datamodule.py", "train.py", "sweep.py", "Makefile", "CHANGELOG.md"]:
@@ -112,7 +114,7 @@ def test_a_project_made_from_the_template_trains_keeps_its_code_through_updates_
     assert (project / "README.md").read_text().startswith("# my-project\n")
     assert (project / "README.md").read_text().endswith((template / "README.md").read_text().split("\n", 1)[1])
     clusters = tomllib.loads((project / "clusters.toml").read_text())
-    assert (clusters["default_cluster"], clusters["default_account"]) == ("hec", "proj-123")
+    assert (clusters["default_cluster"], clusters["clusters"]["hec"]["default_account"]) == ("hec", "proj-123")
     assert (project / "clusters.toml").read_text().count("\n") == (template / "clusters.toml").read_text().count("\n")
     wandb_defaults = ok(project, sys.executable, "-c", "from support.training.wandb_access import default_entity, "
                         "default_project; print(default_entity(), default_project())")
@@ -238,7 +240,7 @@ def test_a_project_without_the_example_trains_from_its_skeleton_and_then_with_it
     assert (project / "datamodule.py").read_text() == (REPO / "skeleton/datamodule.py").read_text()
     assert (project / "train.py").read_bytes() == (REPO / "train.py").read_bytes()
     clusters = tomllib.loads((project / "clusters.toml").read_text())
-    assert (clusters["default_cluster"], clusters["default_account"]) == ("generic", "")
+    assert (clusters["default_cluster"], clusters["clusters"]["generic"]["default_account"]) == ("generic", "")
     ok(project, "git", "init", "-q")
     commit_all(project, "skeleton-project from the template v1.0.0")
     refused = make_update(project)  # the recorded relative path means nothing from the project's directory

@@ -8,12 +8,15 @@ partition before anything is written or submitted; and how the job is submitted 
 Refused, each with one line naming the limit and the fix: a --time over the partition's maximum, more GPUs per node
 than its nodes have (or than one user may hold), a missing account where every job names one, a GPU type the
 partition does not have, --mem or --cpus-per-task where each GPU brings its share of the node, no environment
-for the partition's architecture, and a torch in that environment that cannot drive the partition's GPUs.
+for the partition's architecture, and a torch in that environment that cannot drive the partition's GPUs (the last
+two are notes for a dry run: any partition's script can be seen from any machine). The account is the cluster's own
+(job_account); --local rows run on this machine under no cluster's queue rules (local_plan).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +29,14 @@ from support.clusters.environments import (
     missing_environment,
     torch_version,
 )
-from support.clusters.profiles import Cluster, NodeType, Partition, duration, time_seconds
+from support.clusters.profiles import Cluster, Clusters, NodeType, Partition, duration, time_seconds
 from support.data.local_copy import LOCAL_DATA_ENV
 from support.errors import LaunchError
 from support.gpu_check import TORCH_CUDA_BUILDS
 
 TEMPLATE_TIME = "08:00:00"  # a job's --time where none is given, or the partition's maximum if that is shorter
+# What an #SBATCH --account line can carry unquoted (sbatch reads those lines itself, no shell): Slurm's account names.
+ACCOUNT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]*")
 RESOURCES = ["partition", "account", "nodes", "ntasks_per_node", "gpus_per_node", "gpu_type", "cpus_per_task", "mem",
              "time"]
 
@@ -47,8 +52,37 @@ class JobPlan:
     local_data: bool = True  # read datasets from a copy on the node's local scratch, where the cluster has one
 
 
-def plan_job(cluster: Cluster, given: dict[str, Any], check_environment: bool = True) -> JobPlan:
-    """The resources of a job on `cluster` from the options `given` (None: not given), checked; LaunchError else."""
+def job_account(clusters: Clusters, cluster: Cluster, given: str | None) -> tuple[str | None, list[str]]:
+    """The account a job on `cluster` names: --account's (`given`), else that cluster's own default_account, never
+    another cluster's; with a note when --account is another cluster's code. LaunchError for a value that is no
+    Slurm account name."""
+    account, source = (given, "--account") if given else (cluster.default_account,
+                                                          f"{clusters.path} [clusters.{cluster.key}] default_account")
+    if not account:
+        return None, []
+    if not ACCOUNT_NAME.fullmatch(account):
+        raise LaunchError(f"{source} = {account!r} is not a Slurm account name (letters, digits, '.', '_', '-', '@', "
+                          f"'+'): give the project code as `sacctmgr show assoc user=$USER` lists it")
+    owners = [other.name for other in clusters.clusters.values() if other is not cluster and
+              other.default_account == account and account != cluster.default_account]
+    return account, [f"note: --account {account} is {' and '.join(owners)}'s account in clusters.toml, given here for "
+                     f"{cluster.name}"] if owners else []
+
+
+def local_plan(cluster: Cluster, given: dict[str, Any]) -> JobPlan:
+    """--local: the rows run on this machine, so no queue rule of any cluster applies (a Bede project's --local
+    --gpus-per-node 0 was refused by Bede's "GPUs bring the CPUs" rule): the cluster's profile without partitions,
+    account policy, memory policy, set-up or time limits; only the rows' tasks and devices are checked."""
+    free = replace(cluster, partitions={}, account="optional", memory="per-job", mem="", cpus_per_task=0, setup=(),
+                   local_scratch="", default_partition="")
+    return plan_job(free, given, check_environment=False)
+
+
+def plan_job(cluster: Cluster, given: dict[str, Any], check_environment: bool = True,
+             preview: bool = False) -> JobPlan:
+    """The resources of a job on `cluster` from the options `given` (None: not given), checked; LaunchError else.
+    `preview` (--dry-run): no environment for the partition's architecture, or one whose torch cannot drive its
+    GPUs, is a note, not a refusal, so any partition's script can be seen from any machine (a laptop's has neither)."""
     given = {k: v for k, v in given.items() if v is not None}
     partition = cluster.partition(given.get("partition", cluster.default_partition))
     res: dict[str, Any] = {"partition": partition.name if partition else given.get("partition"),
@@ -59,7 +93,7 @@ def plan_job(cluster: Cluster, given: dict[str, Any], check_environment: bool = 
     plan = JobPlan(cluster, partition, res)
     if cluster.account == "required" and not res["account"]:
         raise LaunchError(f"{cluster.name} needs --account PROJECT on every job ({cluster.docs}): add --account with "
-                          "your project's code (or default_account in clusters.toml)")
+                          f"your project's code (or default_account in clusters.toml's [clusters.{cluster.key}])")
     _memory(plan, given)
     _time(plan, given.get("time"))
     if partition is not None:
@@ -67,9 +101,14 @@ def plan_job(cluster: Cluster, given: dict[str, Any], check_environment: bool = 
         arch = partition.arch
         plan.environment = find_environment(arch, current_home())
         if check_environment and plan.environment is None:
-            raise LaunchError(missing_environment(arch, current_home(), _login(cluster, arch, res["account"])))
-        if check_environment and res["gpus_per_node"] and (problem := _torch_problem(plan)):
-            raise LaunchError(problem)
+            missing = missing_environment(arch, current_home(), _login(cluster, arch, res["account"]))
+            if not preview:
+                raise LaunchError(missing)
+            plan.notes.append(f"note: {missing} (a submission is refused until then; this dry run only shows it)")
+        elif check_environment and res["gpus_per_node"] and (problem := _torch_problem(plan)):
+            if not preview:
+                raise LaunchError(problem)
+            plan.notes.append(f"note: {problem} (a submission is refused until then)")
         plan.submit = _submit_command(partition)
     return plan
 

@@ -10,6 +10,7 @@ naming the key, so adding a cluster is editing one table and running `python slu
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -98,6 +99,11 @@ class Cluster:
     partitions: dict[str, Partition] = field(default_factory=dict)
     # A node-local disk for each job, as the job's shell writes it ("$TMPDIR"); "" where the site has none.
     local_scratch: str = ""
+    # This cluster's own account (project code), --account's default here and nowhere else: a code of one site is
+    # refused or meaningless at another (issue 35: a Bede code was written into HEC jobs).
+    default_account: str = ""
+    # Slurm's MaxArraySize: array indices run 0 to max_array_size - 1. None: ask `scontrol show config`.
+    max_array_size: int | None = None
 
     def partition(self, name: str) -> Partition | None:
         """The named partition; None for a cluster without a partition table (generic) or an unnamed default."""
@@ -113,7 +119,6 @@ class Cluster:
 class Clusters:
     clusters: dict[str, Cluster]
     default_cluster: str
-    default_account: str
     path: Path
 
     def get(self, key: str) -> Cluster:
@@ -126,14 +131,18 @@ class Clusters:
 CLUSTER_KEYS: dict[str, type] = {
     "name": str, "docs": str, "read": str, "gpu_request": str, "memory": str, "mem": str, "cpus_per_task": int,
     "account": str, "default_partition": str, "setup": list, "envs": str, "data": str, "runs": str, "login": dict,
-    "nodes": dict, "partitions": dict, "local_scratch": str}
+    "nodes": dict, "partitions": dict, "local_scratch": str, "default_account": str, "max_array_size": int}
 CHOICES = {"gpu_request": ("gres", "gpus-per-node"), "memory": ("per-job", "by-gpu"),
            "account": ("required", "optional"), "submit": ("sbatch", "ghbatch")}
 PARTITION_KEYS: dict[str, type] = {"arch": str, "nodes": list, "max_time": str, "default_time": str,
                                    "max_gpus_per_user": int, "submit": str, "source": str}
 NODE_KEYS: dict[str, type] = {"gpu": str, "gres_type": str, "gpus": int, "count": int}
 OPTIONAL = {"nodes", "partitions", "local_scratch", "default_time", "max_gpus_per_user", "submit", "source", "count",
-            "max_cuda"}
+            "max_cuda", "default_account", "max_array_size"}
+# The keys whose integer must be at least 1 (0 or less would refuse every job). A node type may have 0 GPUs.
+POSITIVE = {"max_gpus_per_user", "max_array_size"}
+# Lists whose items are names (strings): node types of a partition, shell lines of the set-up.
+LIST_OF_STR = {"nodes", "setup"}
 
 
 def _checked(table: Any, keys: dict[str, type], where: str) -> dict[str, Any]:
@@ -143,13 +152,26 @@ def _checked(table: Any, keys: dict[str, type], where: str) -> dict[str, Any]:
     if unknown := sorted(set(table) - set(keys)):
         raise LaunchError(f"clusters.toml: {where} has unknown key(s) {', '.join(unknown)} (known: {', '.join(keys)})")
     if missing := [key for key in keys if key not in table and key not in OPTIONAL]:
-        raise LaunchError(f"clusters.toml: {where} lacks {', '.join(missing)}")
+        raise LaunchError(f"clusters.toml: {where} lacks {', '.join(missing)}: add it (the comments at the top of the "
+                          "template's clusters.toml say what each key means)")
     for key, value in table.items():
         if not isinstance(value, keys[key]) or isinstance(value, bool):
-            raise LaunchError(f"clusters.toml: {where}.{key} = {value!r} should be a {keys[key].__name__}")
+            raise LaunchError(f"clusters.toml: {where}.{key} = {value!r} should be a {keys[key].__name__}: write it "
+                              f"as one ({_EXAMPLES[keys[key]]})")
         if key in CHOICES and value not in CHOICES[key]:
             raise LaunchError(f"clusters.toml: {where}.{key} = {value!r}: one of {', '.join(CHOICES[key])}")
+        if key in POSITIVE and keys[key] is int and value < 1:
+            raise LaunchError(f"clusters.toml: {where}.{key} = {value}: give 1 or more")
+        if key in LIST_OF_STR and keys[key] is list and not all(isinstance(item, str) for item in value):
+            raise LaunchError(f"clusters.toml: {where}.{key} = {value!r}: give a list of strings, [\"a\", \"b\"]")
+        if key == "login" and not all(isinstance(item, str) for item in value.values()):
+            raise LaunchError(f"clusters.toml: {where}.login = {value!r}: give each architecture a string, "
+                              "{ aarch64 = \"in a ghlogin session\" }")
     return table
+
+
+_EXAMPLES = {str: 'a quoted string, "text"', int: "a whole number without quotes, 4", list: 'a list, ["a", "b"]',
+             dict: "a table, { key = 1 } or [section]"}
 
 
 def _capability(text: str, where: str) -> int:
@@ -181,6 +203,9 @@ def _cluster(key: str, table: Any, gpus: dict[str, Gpu]) -> Cluster:
     partitions = {}
     for name, part in table.get("partitions", {}).items():
         part = _checked(part, PARTITION_KEYS, f"{where}.partitions.{name}")
+        if not part["nodes"]:  # a partition of no node type would plan every job against nothing
+            raise LaunchError(f"clusters.toml: {where}.partitions.{name}.nodes = []: name its node types, keys of "
+                              f"[{where}.nodes] ({', '.join(nodes) or 'empty: add them there'})")
         if unknown := [n for n in part["nodes"] if n not in nodes]:
             raise LaunchError(f"clusters.toml: {where}.partitions.{name}.nodes names {', '.join(unknown)}, not in "
                               f"[{where}.nodes] ({', '.join(nodes) or 'empty'})")
@@ -203,18 +228,38 @@ def load_clusters(path: str | Path | None = None) -> Clusters:
     """clusters.toml (or $MLMODELDEV_CLUSTERS), checked; LaunchError (one line) on a mistake."""
     path = Path(path or os.environ.get("MLMODELDEV_CLUSTERS") or CLUSTERS_FILE)
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_bytes().decode("utf-8"))
     except OSError as err:
         raise LaunchError(f"{path}: {err.strerror}; MLMODELDEV_CLUSTERS names the cluster profiles file") from None
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[:err.start].count(b"\n") + 1
+        raise LaunchError(f"{path} line {line}: bytes that are not UTF-8 ({err.object[err.start:err.end]!r}); TOML "
+                          "is UTF-8: save the file as UTF-8 or retype that line") from None
     except tomllib.TOMLDecodeError as err:
-        raise LaunchError(f"{path} is not valid TOML: {err}") from None
-    top = _checked(data, {"default_cluster": str, "default_account": str, "gpus": dict, "clusters": dict}, "the file")
+        raise LaunchError(f"{path} is not valid TOML: {err}: correct it there (in a quoted string, write \\ as "
+                          "\\\\ and \" as \\\")") from None
+    try:
+        return _clusters(data, path)
+    except LaunchError as err:  # every message of the checks names the key; here it names the file too
+        raise LaunchError(str(err).replace("clusters.toml: ", f"{path}: ", 1)) from None
+
+
+def _clusters(data: dict[str, Any], path: Path) -> Clusters:
+    if "default_account" in data:  # templates up to v0.3.0: one account for every cluster
+        raise LaunchError(f"clusters.toml: default_account at the top of the file would go to every cluster: move "
+                          f"it into the table of the cluster it belongs to, [clusters.<name>] default_account = "
+                          f"{_toml_string(data['default_account'])}, and delete the top line")
+    top = _checked(data, {"default_cluster": str, "gpus": dict, "clusters": dict}, "the file")
     gpus = _gpus(top["gpus"])
     clusters = {key: _cluster(key, table, gpus) for key, table in top["clusters"].items()}
     if top["default_cluster"] not in clusters:
         raise LaunchError(f"clusters.toml: default_cluster = {top['default_cluster']!r} is not one of its clusters "
-                          f"({', '.join(clusters)})")
-    return Clusters(clusters, top["default_cluster"], top["default_account"], path)
+                          f"({', '.join(clusters)}): name one of them")
+    return Clusters(clusters, top["default_cluster"], path)
+
+
+def _toml_string(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, str) else "\"<your project code>\""
 
 
 def partition_table(clusters: Clusters) -> str:

@@ -40,7 +40,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                    "default_cluster): its partitions' limits and header")
     p.add_argument("--clusters", action="store_true", help="print the known clusters' partitions and exit")
     p.add_argument("--partition", help="default: the cluster's default partition")
-    p.add_argument("--account", help="the project to charge (required on Bede)")
+    p.add_argument("--account", help="the project to charge (required on Bede; default: the cluster's own "
+                   "default_account in clusters.toml)")
     p.add_argument("--time", help=f"time limit per row (default {TEMPLATE_TIME}, or the partition's maximum if less)")
     p.add_argument("--nodes", type=int, help="nodes per row (default 1; append -- --trainer.num_nodes=N)")
     p.add_argument("--gpus-per-node", type=int, help="default 1; 0: CPU only")
