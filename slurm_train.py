@@ -47,12 +47,28 @@ from support.clusters.profiles import load_clusters, partition_table
 from support.errors import LaunchError, one_line
 from support.provenance.snapshot import Snapshot, discard, freeze, summary
 from support.run_dir.checks import tasks_devices_mismatch, timestamped_name
-from support.search.launch import extra_problem, new_search, render_search_script, unfinished_search
+from support.search.launch import (
+    extra_problem,
+    new_search,
+    render_search_script,
+    search_settings,
+    unfinished_search,
+)
 from support.search.records import SEARCH_FILE
-from support.slurm.jobs import active_jobs, array_spec, sbatch_header, submit, written_concurrency
+from support.slurm.jobs import (
+    active_jobs,
+    array_spec,
+    check_sbatch_values,
+    control_character_problem,
+    log_path_problem,
+    sbatch_header,
+    submit,
+    written_concurrency,
+)
 from support.slurm.local_rows import run_local, stop_orphans
 from support.slurm.options import parse_args
 from support.slurm.packing import task_count, tasks_of
+from support.slurm.resume import load_grid, relocate, unfinished
 from support.slurm.scripts import render_agents_script, render_script, resumed_code, script_head
 
 REPO_DIR = Path(__file__).resolve().parent
@@ -152,21 +168,16 @@ def job_plan(args: argparse.Namespace) -> JobPlan:
     given = {k: getattr(args, k) for k in RESOURCES}
     given["account"] = given["account"] or clusters.default_account or None
     plan = plan_job(clusters.get(args.cluster or clusters.default_cluster), given, check_environment=not args.local)
+    check_sbatch_values(plan.res, args.job_name)  # before the rows' checks (seconds): every value of the header
     plan.local_data = not args.no_local_data
     if not args.local:
         plan.notes += storage_notes(plan, Path(args.runs_dir), Path(sys.prefix))
     return plan
 
 
-def unfinished(grid_dir: Path) -> list[int]:
-    rows = json.loads((grid_dir / "grid.json").read_text())["rows"]
-    return [i for i in range(len(rows)) if not (grid_dir / f"row-{i}" / "done").exists()]
-
-
 def runs_per_gpu(job_dir: Path) -> int:
     """How many runs a grid's or search's array task runs at once (written before packing: 1)."""
-    return json.loads((job_dir / ("search.json" if (job_dir / "search.json").is_file() else "grid.json")).read_text()
-                      ).get("runs_per_gpu", 1)
+    return (search_settings(job_dir) if (job_dir / SEARCH_FILE).is_file() else load_grid(job_dir))["runs_per_gpu"]
 
 
 def new_grid_dir(root: Path) -> Path:
@@ -175,8 +186,10 @@ def new_grid_dir(root: Path) -> Path:
 
 def new_run_dir(args: argparse.Namespace, prefix: str) -> Path:
     run_dir = Path(args.runs_dir).resolve() / timestamped_name(prefix)
-    if not args.local and any(c.isspace() or c == "%" for c in str(run_dir)):  # #SBATCH --output cannot quote them
-        raise LaunchError(f"{run_dir}: a path with spaces or % cannot be a Slurm log path; use --runs-dir")
+    # The job script names its directory in comments, where a quoted newline would end the comment, and Slurm's
+    # #SBATCH --output cannot quote whitespace or % at all.
+    if problem := log_path_problem(str(run_dir)) if not args.local else control_character_problem(str(run_dir)):
+        raise LaunchError(problem)
     return run_dir
 
 
@@ -290,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.local and (jobs := active_jobs(grid_dir)):
                 raise LaunchError(f"job(s) {', '.join(jobs)} of this grid are still queued or running: wait for "
                                   f"them or scancel them first, else rows would run twice")
+            relocate(grid_dir, args.local, args.dry_run)  # a moved or copied directory resumes where it is
             print(f"{k * per_gpu} new worker(s) for the search" if search else
                   f"{len(rows)} unfinished row(s){f' in {len(indices)} task(s)' if per_gpu > 1 else ''}: "
                   f"--array={array_spec(indices, k)}")

@@ -84,9 +84,12 @@ def run_local(grid_dir: Path, indices: list[int], k: int, label: str = "row") ->
             time.sleep(0.2)
             for proc in [p for p in running if p.poll() is not None]:
                 row, _ = running.pop(proc)
-                ended = "finished" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
+                missing = unmarked_rows(grid_dir, row, label) if proc.returncode == 0 else []
+                ended = "finished" if proc.returncode == 0 and not missing else \
+                    f"FAILED (exit {proc.returncode})" if proc.returncode else \
+                    f"FAILED (exit 0, but no done marker for row(s) {', '.join(map(str, missing))})"
                 print(f"{label} {row} {ended}", flush=True)
-                if proc.returncode != 0:
+                if ended != "finished":
                     failed.append(row)
     finally:
         for signum, handler in handlers.items():
@@ -99,6 +102,20 @@ def run_local(grid_dir: Path, indices: list[int], k: int, label: str = "row") ->
         print(f"{len(failed)} {label}(s) failed: {', '.join(map(str, sorted(failed)))}; see their {label}-<i>.out. "
               f"Rerun them: python slurm_train.py --local --resume {grid_dir}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def unmarked_rows(grid_dir: Path, index: int, label: str) -> list[int]:
+    """The grid rows of array index `index` (a row, or a packed task's rows) without their done marker: what Slurm's
+    resume counts as finished, so --local says "finished" only with it (an emptied job.sbatch exited 0 and was
+    reported finished, nothing having run). A search's workers have no markers: their records say."""
+    if label not in ("row", "task"):
+        return []
+    from support.slurm.resume import load_grid  # here: the guard runs this file as a script, standard library only
+
+    grid = load_grid(grid_dir)
+    per_task = grid["runs_per_gpu"] if label == "task" else 1
+    rows = range(index * per_task, min((index + 1) * per_task, len(grid["rows"])))
+    return [r for r in rows if not (grid_dir / f"row-{r}" / "done").exists()]
 
 
 def guarded(command: list[str]) -> list[str]:
