@@ -31,6 +31,7 @@ array task runs K rows (or workers) at once and logs to task-<t>.out (support/sl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shlex
 import shutil
@@ -45,7 +46,7 @@ from support.clusters.environments import machine_arch
 from support.clusters.plan import RESOURCES, JobPlan, missing_submit_command, plan_job, storage_notes
 from support.clusters.profiles import load_clusters, partition_table
 from support.errors import LaunchError, one_line
-from support.provenance.snapshot import Snapshot, discard, freeze, summary
+from support.provenance.snapshot import STORE, Snapshot, discard, freeze, summary
 from support.run_dir.checks import tasks_devices_mismatch, timestamped_name
 from support.search.launch import (
     extra_problem,
@@ -63,6 +64,7 @@ from support.slurm.jobs import (
     log_path_problem,
     sbatch_header,
     submit,
+    unwritable,
     written_concurrency,
 )
 from support.slurm.local_rows import run_local, stop_orphans
@@ -184,8 +186,22 @@ def new_grid_dir(root: Path) -> Path:
     return root / timestamped_name("grid-")
 
 
+def remove_made(args: argparse.Namespace) -> None:
+    """What a launch that failed while writing made: its new directory, its frozen code, and the code store and the
+    runs directory when they were new and are empty now (a full disk left an empty grid-* per try)."""
+    discard(getattr(args, "frozen", None))
+    made = getattr(args, "made", None)
+    if made is not None:
+        shutil.rmtree(made, ignore_errors=True)
+    for folder in (Path(args.runs_dir) / STORE, Path(args.runs_dir)):
+        if folder not in args.existed:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if empty
+
+
 def new_run_dir(args: argparse.Namespace, prefix: str) -> Path:
-    run_dir = Path(args.runs_dir).resolve() / timestamped_name(prefix)
+    args.existed = {folder for folder in (Path(args.runs_dir) / STORE, Path(args.runs_dir)) if folder.exists()}
+    run_dir = args.made = Path(args.runs_dir).resolve() / timestamped_name(prefix)
     # The job script names its directory in comments, where a quoted newline would end the comment, and Slurm's
     # #SBATCH --output cannot quote whitespace or % at all.
     if problem := log_path_problem(str(run_dir)) if not args.local else control_character_problem(str(run_dir)):
@@ -317,8 +333,12 @@ def main(argv: list[str] | None = None) -> int:
             command, search, per_gpu = plan.submit, args.search, args.runs_per_gpu
             if not (args.local or args.dry_run) and shutil.which(command) is None:
                 raise LaunchError(missing_submit_command(plan))
-            start = start_agents(args, plan) if args.agents else \
-                start_search(args, extra, plan) if search else start_grid(args, extra, plan)
+            try:
+                start = start_agents(args, plan) if args.agents else \
+                    start_search(args, extra, plan) if search else start_grid(args, extra, plan)
+            except OSError as err:  # the runs directory is read-only or full: one line, nothing left behind
+                remove_made(args)
+                raise LaunchError(unwritable(Path(args.runs_dir), err)) from None
             grid_dir, indices = start
             print("\n".join(plan.notes), file=sys.stderr, end="\n" if plan.notes else "")  # once the checks passed
             if not indices:
