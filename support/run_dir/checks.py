@@ -130,6 +130,18 @@ def require_checkpoint(path: str | Path, what: str = "", instead: str = "a .ckpt
         raise SettingError(f"{what}{path} does not exist: give {instead}")
     if not zipfile.is_zipfile(Path(path).expanduser()):
         raise SettingError(f"{what}{path} is not a checkpoint (truncated, or another kind of file): give {instead}")
+    if not torch_archive(Path(path).expanduser()):  # a NumPy .npz, a .zip: passed, then a 31-line traceback
+        raise SettingError(f"{what}{path} is a zip archive but not a checkpoint (no data.pkl in it: a NumPy .npz, "
+                           f"say): give {instead}")
+
+
+def torch_archive(path: Path) -> bool:
+    """Whether a zip file is torch.save's: one top folder holding data.pkl (read from the zip's directory only)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.count("/") == 1 and name.endswith("/data.pkl") for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def require_training(trainer: Any) -> None:
