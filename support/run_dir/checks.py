@@ -114,9 +114,16 @@ def require_no_other_run(run_dir: Path) -> None:
 
 
 def checkpoint_file(run_dir: Path, ckpt_path: str | None) -> Path | None:
-    """The file --ckpt_path names (`last`: the run's last.ckpt), or None for none or Lightning's own names."""
+    """The file a fit resumes from: the one --ckpt_path names (`last`: the run's last.ckpt), or without it, under
+    Slurm, the newest hpc_ckpt_N.ckpt of the run directory, which Lightning resumes by itself (a stale directory of an
+    earlier job of the same SLURM_JOB_ID held another model's: a state_dict traceback); else None."""
     if ckpt_path == "last":
         return run_dir / "checkpoints" / "last.ckpt"
+    if ckpt_path in (None, "hpc") and "SLURM_NTASKS" in os.environ and \
+            os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive"):  # as Lightning's SLURMEnvironment
+        numbered = [(int(m.group(1)), path) for path in run_dir.glob("hpc_ckpt_*.ckpt")
+                    if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", path.name))]
+        return max(numbered)[1] if numbered else None
     return None if ckpt_path in (None, "hpc", "best", "registry") else Path(ckpt_path).expanduser()
 
 
