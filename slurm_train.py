@@ -67,7 +67,7 @@ from support.slurm.jobs import (
     unwritable,
     written_concurrency,
 )
-from support.slurm.local_rows import run_local, stop_orphans
+from support.slurm.local_rows import LOCAL_LOCK, run_local, running_locally, stop_orphans
 from support.slurm.options import parse_args
 from support.slurm.packing import task_count, tasks_of
 from support.slurm.resume import load_grid, relocate, unfinished
@@ -223,6 +223,10 @@ def start_search(args: argparse.Namespace, extra: list[str], plan: JobPlan) -> t
     if problem := extra_problem(extra):
         raise LaunchError(problem)
     config, k = load_sweep_config(args.sweep_config), args.max_concurrent
+    if k * args.runs_per_gpu > args.count:  # 12 workers started for a 2-run search: 10 ended at once, on a GPU each
+        k = args.max_concurrent = -(-args.count // args.runs_per_gpu)
+        print(f"note: {k} array task(s) of {args.runs_per_gpu} worker(s): no more than the {args.count} runs",
+              file=sys.stderr)
     grid = config.get("method") == "grid"
     sweep_config, rows = enumerate_rows(config, None if grid else min(args.count, 50), args.seed)
     check_rows(rows, extra, plan.res)  # a sample of the space, with the arguments after --
@@ -316,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
             if not indices:
                 print(f"every {'run' if search else 'row'} of {grid_dir} has finished: nothing to resubmit")
                 return 0
+            if not args.local and running_locally(grid_dir):
+                raise LaunchError(f"{grid_dir} is running on this machine (slurm_train.py --local): wait for it or "
+                                  "stop it first, else its rows would run twice")
             if not args.local and (jobs := active_jobs(grid_dir)):
                 raise LaunchError(f"job(s) {', '.join(jobs)} of this grid are still queued or running: wait for "
                                   f"them or scancel them first, else rows would run twice")
@@ -350,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.local:
             from filelock import FileLock, Timeout
 
-            lock = FileLock(str(grid_dir / ".local.lock"))  # released by the OS if this process dies
+            lock = FileLock(str(grid_dir / LOCAL_LOCK))  # released by the OS if this process dies
             try:
                 lock.acquire(timeout=0)
             except Timeout:

@@ -38,6 +38,7 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
+LOCAL_LOCK = ".local.lock"  # held by the slurm_train.py --local running a grid or search directory
 # The array task a job script runs outside Slurm (where Slurm sets SLURM_ARRAY_TASK_ID).
 LOCAL_TASK_ENV = "LOCAL_ARRAY_TASK"
 # The variables job.sbatch read their array index from outside Slurm before LOCAL_TASK_ENV: set too, so a directory
@@ -165,6 +166,22 @@ def guard(parent: int, command: list[str]) -> int:
     if stopped and stopped[0]:
         return 128 + stopped[0]
     return code if code is not None else 1
+
+
+def running_locally(grid_dir: Path) -> bool:
+    """Whether a slurm_train.py --local holds the directory's LOCAL_LOCK (the OS releases it when that ends): a Slurm
+    --resume beside it resubmitted every row it was running."""
+    from filelock import FileLock, Timeout
+
+    if not (grid_dir / LOCAL_LOCK).exists():
+        return False
+    lock = FileLock(str(grid_dir / LOCAL_LOCK))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return True
+    lock.release()
+    return False
 
 
 def stop_orphans(grid_dir: Path) -> str | None:

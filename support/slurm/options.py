@@ -74,6 +74,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
             p.error(f"--{option.replace('_', '-')} must be at least {lowest}, got {getattr(args, option)}")
     if args.time is not None and time_seconds(args.time) is None:
         p.error(f"--time {args.time!r} is not a Slurm time: use MM, HH:MM:SS, D-HH or D-HH:MM:SS (e.g. 08:00:00)")
+    if args.time is not None and time_seconds(args.time) == 0:  # Slurm's "no limit": it passed the partition check
+        p.error(f"--time {args.time} is Slurm's 'no limit', which no partition's maximum can be checked against: give "
+                "a limit (e.g. 08:00:00)")
     runs_dir = Path(args.runs_dir)
     if runs_dir.exists() and not runs_dir.is_dir():
         p.error(f"--runs-dir {args.runs_dir} is a file; give a directory (it is created if missing)")
