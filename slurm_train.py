@@ -43,7 +43,14 @@ from typing import Any
 import sweep
 from support.atomic import write_atomic
 from support.clusters.environments import machine_arch
-from support.clusters.plan import RESOURCES, JobPlan, missing_submit_command, plan_job, storage_notes
+from support.clusters.plan import (
+    RESOURCES,
+    JobPlan,
+    missing_submit_command,
+    plan_job,
+    script_values_problem,
+    storage_notes,
+)
 from support.clusters.profiles import load_clusters, partition_table
 from support.errors import LaunchError, one_line
 from support.provenance.snapshot import STORE, Snapshot, discard, freeze, summary
@@ -171,6 +178,8 @@ def job_plan(args: argparse.Namespace) -> JobPlan:
     given["account"] = given["account"] or clusters.default_account or None
     plan = plan_job(clusters.get(args.cluster or clusters.default_cluster), given, check_environment=not args.local)
     check_sbatch_values(plan.res, args.job_name)  # before the rows' checks (seconds): every value of the header
+    if problem := script_values_problem(plan):  # and clusters.toml's lines and names the script holds
+        raise LaunchError(problem)
     plan.local_data = not args.no_local_data
     if not args.local:
         plan.notes += storage_notes(plan, Path(args.runs_dir), Path(sys.prefix))

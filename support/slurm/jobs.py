@@ -65,7 +65,7 @@ def sbatch_header(name: str, array: str | None, comment: str, res: dict[str, Any
         return f"#SBATCH {option:<32}{'  # ' + comment if comment else ''}".rstrip()
 
     check_sbatch_values(res, name)
-    if problem := log_path_problem(log.replace("%a", "")):
+    if problem := control_character_problem(log):  # whitespace and %: refused for Slurm where the directory is made
         raise LaunchError(problem)
     gpus, gpu_type = res["gpus_per_node"], res.get("gpu_type")
     header = [line(f"--job-name={name}")] + ([line(f"--array={array}", comment)] if array else [])

@@ -142,7 +142,10 @@ def guard(parent: int, command: list[str]) -> int:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent or stopped:  # the launcher died, or said stop, before the row started
         return 128 + signal.SIGTERM
-    child = subprocess.Popen(command).pid
+    # Kept referenced: a Popen collected at once reaps a child that has already ended (its __del__ polls), and the
+    # loop below then never saw its status: an emptied job.sbatch ended "exit 1", or by timing "finished".
+    process = subprocess.Popen(command)
+    child = process.pid
     if stopped:  # said while the row was being started: it may have missed the group's signal
         os.killpg(os.getpgrp(), signal.SIGTERM)
     code: int | None = None

@@ -6,7 +6,6 @@ The offline search's is support/search/launch.py's. Light on purpose (no torch).
 
 from __future__ import annotations
 
-import re
 import shlex
 import sys
 from pathlib import Path
@@ -26,10 +25,6 @@ CODE_LINE_NOTE = "the frozen copy of the submitted code"
 def script_head(plan: JobPlan, header: list[str], local: bool) -> str:
     """The #SBATCH header, how to submit the script again, then the cluster's set-up and the job's $python."""
     arch = plan.partition.arch if plan.partition else ""
-    for what, value in [("submit", plan.submit), ("arch", arch)]:  # clusters.toml's, written into a comment line
-        if not re.fullmatch(r"[\w.+-]*", value):
-            raise LaunchError(f"clusters.toml: {plan.cluster.name}'s {what} = {value!r} is not a command or "
-                              "architecture name (letters, digits, . _ + -): correct it in clusters.toml")
     how = f"# submit with: {plan.submit}" + (f" (sbatch on {arch})" if plan.submit != "sbatch" else "")
     return "\n".join(header) + f"\n{how}\n{job_start(plan, local)}"
 
