@@ -186,7 +186,7 @@ def test_a_moved_or_copied_grid_resumes_where_it_is_and_never_touches_the_origin
 def test_a_moved_grid_cannot_resume_on_slurm_under_a_path_slurm_cannot_log_to(tmp_path: Path):
     original = grid(tmp_path / "runs" / "grid-1", [["--seed=0"]], tmp_path / "code")
     shutil.move(original, tmp_path / "a space")
-    with pytest.raises(LaunchError, match="moved or copied from .*whitespace"):
+    with pytest.raises(LaunchError, match="moved or copied from .*spaces"):
         relocate(tmp_path / "a space", local=False, dry_run=False)
 
 

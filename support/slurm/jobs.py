@@ -47,7 +47,8 @@ def check_sbatch_values(res: dict[str, Any], name: str | None = None) -> None:
 def log_path_problem(path: str) -> str | None:
     """Why `path` cannot be a #SBATCH --output path (whitespace ends the value, % is Slurm's pattern), or None."""
     if any(c.isspace() or c == "%" or ord(c) < 32 or ord(c) == 127 for c in path):
-        return f"{path!r}: a path with whitespace, % or control characters cannot be a Slurm log path; use --runs-dir"
+        return (f"{path!r}: a path with spaces (or other whitespace), % or control characters cannot be a Slurm log "
+                "path; use --runs-dir")
     return None
 
 

@@ -37,7 +37,7 @@ def load_grid(grid_dir: Path) -> dict[str, Any]:
     if problem:
         raise LaunchError(f"{path} is damaged ({problem}): slurm_train.py writes it once with the grid; restore it "
                           "from a copy, or start the grid again with the sweep it was made from")
-    return grid
+    return {**grid, "runs_per_gpu": grid.get("runs_per_gpu", 1)}  # a grid written before packing: 1
 
 
 def _grid_problem(grid: Any) -> str | None:
