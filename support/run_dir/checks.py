@@ -78,9 +78,9 @@ def check_run_dir_and_checkpoint(run_dir: Path, ckpt_path: str | None, writes: b
     --ckpt_path that cannot be resumed from: a path that is no checkpoint (missing, truncated, another kind of file),
     or `last` where the run directory has none (a mistyped --run_dir would otherwise train from scratch with only a
     warning). `writes=False` (evaluate.py): the directory is only read, so it need not be writable or new."""
-    if run_dir.exists() and not run_dir.is_dir():
+    if exists(run_dir) and not run_dir.is_dir():
         raise SettingError(f"--run_dir {run_dir} is a file: give a directory (a new one starts a new run)")
-    existing = next(path for path in [run_dir, *run_dir.parents] if path.exists())  # where mkdir would start
+    existing = next(path for path in [run_dir, *run_dir.parents] if exists(path))  # where mkdir would start
     longest = os.pathconf(existing, "PC_NAME_MAX") if existing.is_dir() else 255
     if too_long := [part for part in run_dir.relative_to(existing).parts if len(part.encode()) > longest]:
         raise SettingError(f"--run_dir: the name {too_long[0][:40]}... is {len(too_long[0].encode())} bytes, over the "
@@ -95,6 +95,15 @@ def check_run_dir_and_checkpoint(run_dir: Path, ckpt_path: str | None, writes: b
                                "--ckpt_path out to start afresh")
     elif ckpt_path not in (None, "hpc", "best", "registry"):
         require_checkpoint(ckpt_path, "--ckpt_path ", "a .ckpt file or `last`")
+
+
+def exists(path: Path) -> bool:
+    """Path.exists, but False for a name over the filesystem's limit: stat raised ENAMETOOLONG there (a traceback for
+    a 300-byte --run_dir whose parent exists), where a missing parent had said ENOENT first."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
 
 
 def require_no_other_run(run_dir: Path) -> None:

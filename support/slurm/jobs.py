@@ -30,17 +30,19 @@ def sbatch_value_problem(key: str, value: object) -> str | None:
     if SBATCH_VALUE.fullmatch(text):
         return None
     bad = next((c for c in text if not SBATCH_VALUE.fullmatch(c)), "")
-    why = ("a newline ends the job's #SBATCH header and runs the rest as a shell line" if bad in "\n\r" and bad else
-           "it is empty" if not text else f"{bad!r} is no character of a Slurm name, size or time")
+    why = ("it is empty" if not text else
+           "a newline ends the job's #SBATCH header and runs the rest as a shell line" if bad in ("\n", "\r") else
+           f"{bad!r} is no character of a Slurm name, size or time")
     return (f"{SBATCH_VALUE_SOURCES.get(key, key)} {text!r} cannot be a #SBATCH value ({why}): give letters, digits "
             "and . _ - : , = + @ / [ ] only")
 
 
 def check_sbatch_values(res: dict[str, Any], name: str | None = None) -> None:
-    """LaunchError (one line) for the first resource, or the job name, that cannot be a #SBATCH value."""
+    """LaunchError (one line) for the first resource, or the job name, that cannot be a #SBATCH value (an empty one
+    is not written: the header leaves it out, and a job name falls back to the default)."""
     given = {"job_name": name, **{key: res.get(key) for key in SBATCH_VALUE_SOURCES if key != "job_name"}}
     for key, value in given.items():
-        if value is not None and (problem := sbatch_value_problem(key, value)):
+        if value not in (None, "") and (problem := sbatch_value_problem(key, value)):
             raise LaunchError(problem)
 
 
