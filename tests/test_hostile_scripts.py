@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -245,3 +246,45 @@ def test_a_damaged_search_json_is_one_line_on_resume(settings: str, words: str, 
     (search_dir / "job.sbatch").write_text("#!/usr/bin/env bash\n#SBATCH --array=0-1\n")
     code, _, err = launch(["--resume", str(search_dir), "--local"])
     assert_one_line(code, err, words)
+
+
+@pytest.mark.parametrize("limit", ["0", "00:00:00", "0-0"])
+def test_time_zero_slurms_no_limit_is_refused(limit: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Slurm reads --time 0 as no limit at all, which passed every partition's maximum."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = launch(["--dry-run", "--gpus-per-node", "0", "--time", limit])
+    assert_one_line(code, err, "Slurm's 'no limit'")
+
+
+def test_a_search_starts_no_more_workers_than_it_has_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """12 workers were started for a 2-run search: 10 ended at once, each having held a GPU."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sweep.json").write_text(json.dumps({
+        "name": "s", "program": "train.py", "method": "random", "metric": {"name": "val/loss", "goal": "minimize"},
+        "parameters": {"model.hidden_dim": {"values": [16, 32]}}}))
+    code, out, err = launch(["--search", "--count", "2", "--max-concurrent", "12", "--dry-run", "--local",
+                             "--sweep-config", "sweep.json", "--gpus-per-node", "0"])
+    assert code == 0, err
+    assert "#SBATCH --array=0-1 " in out and "search of 2 runs by 2 workers" in out, out
+    assert "note: 2 array task(s) of 1 worker(s): no more than the 2 runs" in err
+
+
+def test_a_slurm_resume_of_a_grid_a_local_run_holds_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Slurm's --resume beside a running --local resubmitted every row it was running: each would train twice."""
+    bin_dir = tmp_path / "bin"  # an sbatch that only records a call: nothing reaches the real Slurm
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f"#!/bin/sh\necho called >> {tmp_path / 'sbatch-calls'}\necho 999\n")
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    grid_dir = grid(tmp_path / "grid-1", [["--seed=0"]], tmp_path / "code")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from filelock import FileLock; "
+                               "lock = FileLock(sys.argv[1]); lock.acquire(); print('held', flush=True); "
+                               "time.sleep(60)", str(grid_dir / ".local.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, _, err = launch(["--resume", str(grid_dir)])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert_one_line(code, err, "is running on this machine (slurm_train.py --local)")
+    assert not (tmp_path / "sbatch-calls").exists()
