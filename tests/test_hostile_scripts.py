@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -288,3 +289,20 @@ def test_a_slurm_resume_of_a_grid_a_local_run_holds_is_refused(tmp_path: Path, m
         holder.wait()
     assert_one_line(code, err, "is running on this machine (slurm_train.py --local)")
     assert not (tmp_path / "sbatch-calls").exists()
+
+
+def test_a_copied_search_directory_resumes_where_it_is(tmp_path: Path):
+    """A search's job script names its directory in its workers' command line and logs: rewritten like a grid's."""
+    from support.search.launch import render_search_script
+
+    generic = plan_job(load_clusters().get("generic"), {"gpus_per_node": 0}, check_environment=False)
+    original = tmp_path / "runs" / "search-1"
+    original.mkdir(parents=True)
+    (original / "job.sbatch").write_text(render_search_script(
+        original, "#SBATCH --array=0-1\n" + job_start(generic, local=True), tmp_path / "code", runs_per_gpu=2))
+    copy = tmp_path / "copy of it" / "search-1"  # a space: fine for --local, quoted where the shell reads it
+    shutil.copytree(original, copy)
+    relocate(copy, local=True, dry_run=False)
+    script = (copy / "job.sbatch").read_text()
+    assert str(original) not in script and f'worker.py" {shlex.quote(str(copy))} --worker' in script, script
+    assert subprocess.run(["bash", "-n", str(copy / "job.sbatch")]).returncode == 0
