@@ -169,3 +169,16 @@ def test_a_runs_dir_that_cannot_be_written_is_one_line_and_leaves_nothing(disk: 
         assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
         assert len(errors) == 1 and f"cannot write {runs}" in errors[0] and "MB free on its disk" in errors[0], errors
         assert not list(runs.iterdir()), list(runs.rglob("*"))  # no grid-*, no .code, no new runs directory
+
+
+@pytest.mark.slow
+def test_a_moved_run_resumed_at_its_end_tests_its_own_best_checkpoint(trained_run: Path, tmp_path: Path):
+    """Lightning restores the best checkpoint's path as the old directory's: a moved run resumed with nothing left to
+    train tested a file that was gone (a copied one tested the original's)."""
+    first = tmp_path / "first"
+    shutil.copytree(trained_run, first)
+    moved = tmp_path / "moved"
+    shutil.move(first, moved)
+    result = run_script("train.py", *ONE_EPOCH, f"--run_dir={moved}", "--ckpt_path=last", timeout=300)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"best checkpoint: {moved}/checkpoints/best-" in result.stdout, result.stdout[-2000:]
