@@ -46,6 +46,11 @@ ifneq ($(origin MLMODELDEV_HOME),file)
 export UV_CACHE_DIR ?= $(MLMODELDEV_HOME)/cache/uv
 export PIP_CACHE_DIR ?= $(MLMODELDEV_HOME)/cache/pip
 endif
+# make splits file names at whitespace: MLMODELDEV_HOME="/data/my space" failed with a cryptic flock error and left a
+# stray space/ folder in the clone. Refused at once, before any recipe runs.
+ifneq ($(words $(VENV)),1)
+$(error the environment's path "$(VENV)" holds whitespace, which make cannot handle in file names: give MLMODELDEV_HOME (or VENV) a path without it; a symlink to the folder works)
+endif
 PY := $(VENV)/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
@@ -302,4 +307,4 @@ bench: env
 	$(PY) benchmarks/grid_check.py
 
 clean-env:
-	rm -rf $(VENV) $(VENV).lock
+	rm -rf '$(VENV)' '$(VENV).lock'

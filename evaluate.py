@@ -18,10 +18,12 @@ and where; --own-code runs this evaluation with the run's own frozen copy of the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,17 +67,45 @@ def run_dir_of(target: Path) -> Path:
     return target
 
 
-def checkpoint_and_run(target: Path, which: str) -> tuple[Path, Path]:
-    """(checkpoint, run directory) for a run directory (best or last checkpoint) or a checkpoint file."""
-    if target.is_file():
-        run_dir, checkpoint = run_dir_of(target), target
-    elif target.is_dir():
-        run_dir = target
-        checkpoint = best_checkpoint(run_dir) if which == "best" else run_dir / "checkpoints" / f"{which}.ckpt"
-    else:
-        raise SettingError(f"{target} does not exist: give a run directory (runs/...) or a .ckpt file")
+def checkpoint_and_run(target: Path, which: str) -> tuple[Path, Path, str]:
+    """(checkpoint, run directory, where to read the checkpoint) for a run directory (best or last checkpoint) or a
+    checkpoint file. The checkpoint is read through a descriptor opened now (/dev/fd/N): a run still training
+    replaces its best-*.ckpt, and the file chosen was gone by the time the test loaded it (FileNotFoundError in 1 of
+    4 tries); an open file stays readable, whole (checkpoints are written to a temporary name, then renamed)."""
+    for attempt in range(3):  # chosen, then replaced before it was opened: choose again
+        if target.is_file():
+            run_dir, checkpoint = run_dir_of(target), target
+        elif target.is_dir():
+            run_dir = target
+            checkpoint = best_checkpoint(run_dir) if which == "best" else run_dir / "checkpoints" / f"{which}.ckpt"
+        else:
+            raise SettingError(f"{target} does not exist: give a run directory (runs/...) or a .ckpt file")
+        try:
+            descriptor = os.open(checkpoint, os.O_RDONLY)
+        except (FileNotFoundError, IsADirectoryError):
+            if attempt < 2 and target.is_dir():
+                continue
+            break  # require_checkpoint names the problem
+        _OPEN_CHECKPOINTS.append(descriptor)  # open for the process's life: what `pinned` reads
+        pinned = f"/dev/fd/{descriptor}"
+        if Path(pinned).exists():  # Linux and macOS
+            with reading_as(pinned, checkpoint):
+                require_checkpoint(pinned, "checkpoint ")
+            return checkpoint, run_dir, pinned
     require_checkpoint(checkpoint, "checkpoint ")
-    return checkpoint, run_dir
+    return checkpoint, run_dir, str(checkpoint)
+
+
+_OPEN_CHECKPOINTS: list[int] = []
+
+
+@contextlib.contextmanager
+def reading_as(pinned: str, checkpoint: Path) -> Iterator[None]:
+    """A SettingError about the pinned path names the checkpoint instead."""
+    try:
+        yield
+    except SettingError as err:
+        raise SettingError(str(err).replace(pinned, str(checkpoint))) from None
 
 
 def code_difference(run_dir: Path) -> tuple[str, Path | None] | None:
@@ -98,7 +128,7 @@ def code_difference(run_dir: Path) -> tuple[str, Path | None] | None:
 def evaluate(target: str | Path, which: str = "best", split: str = "test", overrides: list[str] | None = None
              ) -> dict[str, Any]:
     """Tests (or validates) the checkpoint with its run's settings; returns the metrics (and which checkpoint)."""
-    checkpoint, run_dir = checkpoint_and_run(Path(target).expanduser().resolve(), which)
+    checkpoint, run_dir, pinned = checkpoint_and_run(Path(target).expanduser().resolve(), which)
     if (difference := code_difference(run_dir)) is not None and rank_zero_only.rank == 0:
         print(f"note: {difference[0]}", file=sys.stderr, flush=True)
     config = run_dir / CONFIG_FILE
@@ -110,11 +140,12 @@ def evaluate(target: str | Path, which: str = "best", split: str = "test", overr
     cli = train.build_cli_or_exit([*(["--config", str(config)] if config.is_file() else []), *ONE_PROCESS,
                                    *(overrides or []), f"--run_dir={run_dir}", "--trainer.logger=false",
                                    "--cka.every_n_epochs=0"], record=False)
-    require_fit(cli.model, checkpoint, {}, run_dir)
+    with reading_as(pinned, checkpoint):
+        require_fit(cli.model, Path(pinned), {}, run_dir)
     trainer = cli.trainer
     run = trainer.test if split == "test" else trainer.validate
     with stopped_by_signal():
-        outputs = run(cli.model, datamodule=cli.datamodule, ckpt_path=str(checkpoint), verbose=False)
+        outputs = run(cli.model, datamodule=cli.datamodule, ckpt_path=pinned, verbose=False)
     metrics: dict[str, Any] = {key: float(value) for key, value in (outputs[0] if outputs else {}).items()}
     if trainer.is_global_zero:
         print(f"checkpoint:      {checkpoint}")

@@ -32,6 +32,7 @@ array task runs K rows (or workers) at once and logs to task-<t>.out (support/sl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shlex
 import shutil
@@ -50,19 +51,37 @@ from support.clusters.plan import (
     local_plan,
     missing_submit_command,
     plan_job,
+    script_values_problem,
     storage_notes,
 )
 from support.clusters.profiles import load_clusters, partition_table
 from support.errors import LaunchError, one_line
-from support.provenance.snapshot import Snapshot, discard, freeze, summary
+from support.provenance.snapshot import STORE, Snapshot, discard, freeze, summary
 from support.run_dir.checks import tasks_devices_mismatch, timestamped_name
-from support.search.launch import extra_problem, new_search, render_search_script, unfinished_search
+from support.search.launch import (
+    extra_problem,
+    new_search,
+    render_search_script,
+    search_settings,
+    unfinished_search,
+)
 from support.search.records import SEARCH_FILE
 from support.slurm.array_limit import array_problem
-from support.slurm.jobs import active_jobs, array_spec, sbatch_header, submit, written_concurrency
-from support.slurm.local_rows import run_local, stop_orphans
+from support.slurm.jobs import (
+    active_jobs,
+    array_spec,
+    check_sbatch_values,
+    control_character_problem,
+    log_path_problem,
+    sbatch_header,
+    submit,
+    unwritable,
+    written_concurrency,
+)
+from support.slurm.local_rows import LOCAL_LOCK, run_local, running_locally, stop_orphans
 from support.slurm.options import parse_args
 from support.slurm.packing import task_count, tasks_of
+from support.slurm.resume import load_grid, relocate, unfinished
 from support.slurm.scripts import render_agents_script, render_script, resumed_code, script_head
 
 REPO_DIR = Path(__file__).resolve().parent
@@ -176,33 +195,47 @@ def job_plan(args: argparse.Namespace) -> JobPlan:
     cluster = clusters.get(args.cluster or clusters.default_cluster)
     given = {k: getattr(args, k) for k in RESOURCES}
     if args.local:  # this machine: no queue rule of any cluster, no account
-        return local_plan(cluster, given)
-    given["account"], notes = job_account(clusters, cluster, args.account)
-    plan = plan_job(cluster, given, preview=args.dry_run)
+        plan, notes = local_plan(cluster, given), []
+    else:
+        given["account"], notes = job_account(clusters, cluster, args.account)
+        plan = plan_job(cluster, given, preview=args.dry_run)
+    check_sbatch_values(plan.res, args.job_name)  # before the rows' checks (seconds): every value of the header
+    if problem := script_values_problem(plan):  # and clusters.toml's lines and names the script holds
+        raise LaunchError(problem)
     plan.local_data = not args.no_local_data
     plan.notes += notes + storage_notes(plan, Path(args.runs_dir), Path(sys.prefix))
     return plan
 
 
-def unfinished(grid_dir: Path) -> list[int]:
-    rows = json.loads((grid_dir / "grid.json").read_text())["rows"]
-    return [i for i in range(len(rows)) if not (grid_dir / f"row-{i}" / "done").exists()]
-
-
 def runs_per_gpu(job_dir: Path) -> int:
     """How many runs a grid's or search's array task runs at once (written before packing: 1)."""
-    return json.loads((job_dir / ("search.json" if (job_dir / "search.json").is_file() else "grid.json")).read_text()
-                      ).get("runs_per_gpu", 1)
+    return (search_settings(job_dir) if (job_dir / SEARCH_FILE).is_file() else load_grid(job_dir))["runs_per_gpu"]
 
 
 def new_grid_dir(root: Path) -> Path:
     return root / timestamped_name("grid-")
 
 
+def remove_made(args: argparse.Namespace) -> None:
+    """What a launch that failed while writing made: its new directory, its frozen code, and the code store and the
+    runs directory when they were new and are empty now (a full disk left an empty grid-* per try)."""
+    discard(getattr(args, "frozen", None))
+    made = getattr(args, "made", None)
+    if made is not None:
+        shutil.rmtree(made, ignore_errors=True)
+    for folder in (Path(args.runs_dir) / STORE, Path(args.runs_dir)):
+        if folder not in args.existed:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if empty
+
+
 def new_run_dir(args: argparse.Namespace, prefix: str) -> Path:
-    run_dir = Path(args.runs_dir).resolve() / timestamped_name(prefix)
-    if not args.local and any(c.isspace() or c == "%" for c in str(run_dir)):  # #SBATCH --output cannot quote them
-        raise LaunchError(f"{run_dir}: a path with spaces or % cannot be a Slurm log path; use --runs-dir")
+    args.existed = {folder for folder in (Path(args.runs_dir) / STORE, Path(args.runs_dir)) if folder.exists()}
+    run_dir = args.made = Path(args.runs_dir).resolve() / timestamped_name(prefix)
+    # The job script names its directory in comments, where a quoted newline would end the comment, and Slurm's
+    # #SBATCH --output cannot quote whitespace or % at all.
+    if problem := log_path_problem(str(run_dir)) if not args.local else control_character_problem(str(run_dir)):
+        raise LaunchError(problem)
     return run_dir
 
 
@@ -220,6 +253,10 @@ def start_search(args: argparse.Namespace, extra: list[str], plan: JobPlan) -> t
     if problem := extra_problem(extra):
         raise LaunchError(problem)
     config, k = load_sweep_config(args.sweep_config), args.max_concurrent
+    if k * args.runs_per_gpu > args.count:  # 12 workers started for a 2-run search: 10 ended at once, on a GPU each
+        k = args.max_concurrent = -(-args.count // args.runs_per_gpu)
+        print(f"note: {k} array task(s) of {args.runs_per_gpu} worker(s): no more than the {args.count} runs",
+              file=sys.stderr)
     grid = config.get("method") == "grid"
     sweep_config, rows = enumerate_rows(config, None if grid else min(args.count, 50), args.seed)
     check_rows(rows, extra, plan.res)  # a sample of the space, with the arguments after --
@@ -321,9 +358,13 @@ def main(argv: list[str] | None = None) -> int:
             if not indices:
                 print(f"every {'run' if search else 'row'} of {grid_dir} has finished: nothing to resubmit")
                 return 0
+            if not args.local and running_locally(grid_dir):
+                raise LaunchError(f"{grid_dir} is running on this machine (slurm_train.py --local): wait for it or "
+                                  "stop it first, else its rows would run twice")
             if not args.local and (jobs := active_jobs(grid_dir)):
                 raise LaunchError(f"job(s) {', '.join(jobs)} of this grid are still queued or running: wait for "
                                   f"them or scancel them first, else rows would run twice")
+            relocate(grid_dir, args.local, args.dry_run)  # a moved or copied directory resumes where it is
             print(f"{k * per_gpu} new worker(s) for the search" if search else
                   f"{len(rows)} unfinished row(s){f' in {len(indices)} task(s)' if per_gpu > 1 else ''}: "
                   f"--array={array_spec(indices, k)}")
@@ -337,8 +378,12 @@ def main(argv: list[str] | None = None) -> int:
             command, search, per_gpu = plan.submit, args.search, args.runs_per_gpu
             if not (args.local or args.dry_run) and shutil.which(command) is None:
                 raise LaunchError(missing_submit_command(plan))
-            start = start_agents(args, plan) if args.agents else \
-                start_search(args, extra, plan) if search else start_grid(args, extra, plan)
+            try:
+                start = start_agents(args, plan) if args.agents else \
+                    start_search(args, extra, plan) if search else start_grid(args, extra, plan)
+            except OSError as err:  # the runs directory is read-only or full: one line, nothing left behind
+                remove_made(args)
+                raise LaunchError(unwritable(Path(args.runs_dir), err)) from None
             grid_dir, indices = start
             print("\n".join(plan.notes), file=sys.stderr, end="\n" if plan.notes else "")  # once the checks passed
             if not indices:
@@ -350,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.local:
             from filelock import FileLock, Timeout
 
-            lock = FileLock(str(grid_dir / ".local.lock"))  # released by the OS if this process dies
+            lock = FileLock(str(grid_dir / LOCAL_LOCK))  # released by the OS if this process dies
             try:
                 lock.acquire(timeout=0)
             except Timeout:

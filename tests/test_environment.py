@@ -182,3 +182,16 @@ def test_torch_cuda_installs_the_locks_torch_in_that_build(tiny_lock: Path) -> N
     refused = make_env(lock, tiny_lock.parent / "other", path_without_uv, "TORCH_CUDA=12.6")
     assert refused.returncode != 0 and "error: TORCH_CUDA=12.6: give a build of torch (cu126" in refused.stderr
     assert not (tiny_lock.parent / "other").exists()
+
+
+@pytest.mark.parametrize("variable", ["MLMODELDEV_HOME", "VENV"])
+def test_a_path_with_a_space_stops_make_in_one_line_and_makes_nothing(variable: str, tmp_path: Path) -> None:
+    """make splits file names at spaces: `make env` failed with a cryptic flock error and left a stray folder named
+    after the path's second word in the clone."""
+    clone_before = sorted(path.name for path in REPO.iterdir())
+    result = subprocess.run(["make", "--no-print-directory", "-C", str(REPO), "env", f"{variable}={tmp_path}/a space"],
+                            capture_output=True, text=True, env={**os.environ, "BOOTSTRAP_UV": "0"})
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "holds whitespace" in lines[0] and "MLMODELDEV_HOME" in lines[0], result.stderr
+    assert sorted(path.name for path in REPO.iterdir()) == clone_before and not list(tmp_path.iterdir())

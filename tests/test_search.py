@@ -200,9 +200,10 @@ def test_a_failing_run_is_recorded_as_failed_and_the_search_goes_on(tmp_path: Pa
     assert "failing on purpose" in (search_dir / "run-0002.out").read_text()
 
 
-def test_a_damaged_record_keeps_its_number_and_counts(tmp_path: Path) -> None:
+def test_a_damaged_record_keeps_its_number_but_the_search_still_makes_its_count(tmp_path: Path) -> None:
     """A record that cannot be read (a disk error, an edit by hand) is skipped with a warning, never overwritten: a
-    worker moves it aside whole (run-NNNN.json.quarantined), and its number stays taken."""
+    worker moves it aside whole (run-NNNN.json.quarantined), and its number stays taken. It is no run of the search:
+    counted as one, the search ended short of its count (issue 34: "worker ends after 0 run(s)")."""
     search_dir = make_search(tmp_path / "search", {"method": "random", "parameters": SPACE}, 3, [])
     owner = search_records.owner_identity(0)
     first = search_records.claim_or_propose(search_dir, owner)
@@ -211,7 +212,10 @@ def test_a_damaged_record_keeps_its_number_and_counts(tmp_path: Path) -> None:
     third = search_records.claim_or_propose(search_dir, owner)
     assert third["number"] == 3 and (search_dir / "run-0002.json.quarantined").read_text() == "{not json"
     search_records.write_record(search_dir, {**third, "state": "finished"})
-    assert search_records.claim_or_propose(search_dir, owner) is None  # 3 runs, the damaged one among them
+    fourth = search_records.claim_or_propose(search_dir, owner)  # 2 runs of 3: one more, after the damaged number
+    assert fourth["number"] == 4
+    search_records.write_record(search_dir, {**fourth, "state": "finished"})
+    assert search_records.claim_or_propose(search_dir, owner) is None  # 3 runs
 
 
 def test_a_preempted_run_is_resumed_by_the_next_worker_once_its_owner_is_gone(tmp_path: Path) -> None:

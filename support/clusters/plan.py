@@ -263,10 +263,33 @@ def storage_notes(plan: JobPlan, runs_dir: Path, environment: Path) -> list[str]
     return notes
 
 
+def script_values_problem(plan: JobPlan) -> str | None:
+    """Why a clusters.toml value cannot go into a job script, or None (job_start and slurm_train.py ask before the
+    rows' checks). The set-up entries are shell lines by design, one each; local_scratch is written inside double
+    quotes, so its shell variables expand ($TMPDIR) but a `$(...)`, a backtick or a quote would run or end it; the
+    submit command and the architecture are written into a comment line."""
+    cluster = plan.cluster
+    for what, value in [("submit", plan.submit), ("arch", plan.partition.arch if plan.partition else "")]:
+        if not re.fullmatch(r"[\w.+-]*", value):
+            return (f"clusters.toml: {cluster.name}'s {what} = {value!r} is not a command or architecture name "
+                    "(letters, digits, . _ + -): correct it in clusters.toml")
+    if any(ord(c) < 32 for c in cluster.name):  # written into a comment line, which a newline would end
+        return f"clusters.toml: the cluster name {cluster.name!r} holds a control character: give it on one line"
+    if bad := next((line for line in cluster.setup if "\n" in line or "\r" in line), None):
+        return (f"clusters.toml: {cluster.name}'s setup entry {bad!r} holds a newline: give each shell line as its "
+                "own entry")
+    if not re.fullmatch(r"(?:[\w./@:+,~-]|\$\w+|\$\{\w+\})*", cluster.local_scratch or ""):
+        return (f"clusters.toml: {cluster.name}'s local_scratch = {cluster.local_scratch!r} is not a path: give a "
+                "directory, with shell variables as $NAME or ${NAME} (e.g. \"$TMPDIR\")")
+    return None
+
+
 def job_start(plan: JobPlan, local: bool = False) -> str:
     """A job script's first lines after its header: the cluster's set-up (not for --local rows on this machine),
     `set -euo pipefail`, and $python, the environment of the node's architecture (environments.job_preamble)."""
     cluster = plan.cluster
+    if problem := script_values_problem(plan):
+        raise LaunchError(problem)
     setup = "" if local or not cluster.setup else \
         f"# {cluster.name}'s set-up (clusters.toml), before set -u: module scripts read unset variables\n" + \
         "\n".join(cluster.setup) + "\n"

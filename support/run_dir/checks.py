@@ -78,9 +78,9 @@ def check_run_dir_and_checkpoint(run_dir: Path, ckpt_path: str | None, writes: b
     --ckpt_path that cannot be resumed from: a path that is no checkpoint (missing, truncated, another kind of file),
     or `last` where the run directory has none (a mistyped --run_dir would otherwise train from scratch with only a
     warning). `writes=False` (evaluate.py): the directory is only read, so it need not be writable or new."""
-    if run_dir.exists() and not run_dir.is_dir():
+    if exists(run_dir) and not run_dir.is_dir():
         raise SettingError(f"--run_dir {run_dir} is a file: give a directory (a new one starts a new run)")
-    existing = next(path for path in [run_dir, *run_dir.parents] if path.exists())  # where mkdir would start
+    existing = next(path for path in [run_dir, *run_dir.parents] if exists(path))  # where mkdir would start
     longest = os.pathconf(existing, "PC_NAME_MAX") if existing.is_dir() else 255
     if too_long := [part for part in run_dir.relative_to(existing).parts if len(part.encode()) > longest]:
         raise SettingError(f"--run_dir: the name {too_long[0][:40]}... is {len(too_long[0].encode())} bytes, over the "
@@ -95,6 +95,15 @@ def check_run_dir_and_checkpoint(run_dir: Path, ckpt_path: str | None, writes: b
                                "--ckpt_path out to start afresh")
     elif ckpt_path not in (None, "hpc", "best", "registry"):
         require_checkpoint(ckpt_path, "--ckpt_path ", "a .ckpt file or `last`")
+
+
+def exists(path: Path) -> bool:
+    """Path.exists, but False for a name over the filesystem's limit: stat raised ENAMETOOLONG there (a traceback for
+    a 300-byte --run_dir whose parent exists), where a missing parent had said ENOENT first."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
 
 
 def require_no_other_run(run_dir: Path) -> None:
@@ -114,9 +123,16 @@ def require_no_other_run(run_dir: Path) -> None:
 
 
 def checkpoint_file(run_dir: Path, ckpt_path: str | None) -> Path | None:
-    """The file --ckpt_path names (`last`: the run's last.ckpt), or None for none or Lightning's own names."""
+    """The file a fit resumes from: the one --ckpt_path names (`last`: the run's last.ckpt), or without it, under
+    Slurm, the newest hpc_ckpt_N.ckpt of the run directory, which Lightning resumes by itself (a stale directory of an
+    earlier job of the same SLURM_JOB_ID held another model's: a state_dict traceback); else None."""
     if ckpt_path == "last":
         return run_dir / "checkpoints" / "last.ckpt"
+    if ckpt_path in (None, "hpc") and "SLURM_NTASKS" in os.environ and \
+            os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive"):  # as Lightning's SLURMEnvironment
+        numbered = [(int(m.group(1)), path) for path in run_dir.glob("hpc_ckpt_*.ckpt")
+                    if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", path.name))]
+        return max(numbered)[1] if numbered else None
     return None if ckpt_path in (None, "hpc", "best", "registry") else Path(ckpt_path).expanduser()
 
 
@@ -130,6 +146,18 @@ def require_checkpoint(path: str | Path, what: str = "", instead: str = "a .ckpt
         raise SettingError(f"{what}{path} does not exist: give {instead}")
     if not zipfile.is_zipfile(Path(path).expanduser()):
         raise SettingError(f"{what}{path} is not a checkpoint (truncated, or another kind of file): give {instead}")
+    if not torch_archive(Path(path).expanduser()):  # a NumPy .npz, a .zip: passed, then a 31-line traceback
+        raise SettingError(f"{what}{path} is a zip archive but not a checkpoint (no data.pkl in it: a NumPy .npz, "
+                           f"say): give {instead}")
+
+
+def torch_archive(path: Path) -> bool:
+    """Whether a zip file is torch.save's: one top folder holding data.pkl (read from the zip's directory only)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.count("/") == 1 and name.endswith("/data.pkl") for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def require_training(trainer: Any) -> None:

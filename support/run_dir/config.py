@@ -145,6 +145,10 @@ def require_fit(model: LightningModule, path: Path, changed: dict[str, tuple[Any
             raise SettingError(f"{path} does not fit the model these settings build ({problem}): they differ from "
                                f"{run_dir / CONFIG_FILE} in {describe_changes(changed)}; drop those arguments, or "
                                "start a new --run_dir")
+        if path.name.startswith("hpc_ckpt_"):  # resumed by Lightning itself, not asked for
+            raise SettingError(f"{path} does not fit the model these settings build ({problem}): Lightning resumes a "
+                               "Slurm job's hpc_ckpt_N from its run directory, and this is another run's (a directory "
+                               "left by an earlier job of the same SLURM_JOB_ID?): give another --run_dir")
         raise SettingError(f"{path} does not fit the model these settings build ({problem}): give the settings it "
                            "was trained with (--config with its run's config.yaml)")
     epoch = checkpoint.get("epoch", 0)

@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from support.search.records import IN_FLIGHT, create_search, load_search, read_records
+from support.errors import LaunchError
+from support.search.records import IN_FLIGHT, SEARCH_FILE, SearchError, create_search, load_search, read_records
 from support.slurm.local_rows import LOCAL_TASK_ENV
 from support.slurm.packing import RUNS_PER_GPU_ENV
 from support.slurm.scripts import code_lines
@@ -66,7 +67,24 @@ export {RUNS_PER_GPU_ENV}={runs_per_gpu}
 {run}"""
 
 
+def search_settings(search_dir: Path) -> dict[str, Any]:
+    """search.json, checked for what a resume reads (its count and runs per GPU): LaunchError, one line, else. A
+    list, or a count of "40", raised TypeError or KeyError from a resume."""
+    try:
+        settings = load_search(search_dir)
+    except SearchError as err:
+        raise LaunchError(str(err)) from None
+    count = settings.get("count") if isinstance(settings, dict) else None
+    per_gpu = settings.get("runs_per_gpu", 1) if isinstance(settings, dict) else None
+    for name, value in [("count", count), ("runs_per_gpu", per_gpu)]:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise LaunchError(f"{search_dir / SEARCH_FILE} is damaged ({name} is {value!r}, not a whole number of 1 "
+                              "or more): it is written once when the search is created; restore it or start a new "
+                              "search")
+    return {**settings, "runs_per_gpu": per_gpu}
+
+
 def unfinished_search(search_dir: Path) -> bool:
     """Whether a search still has runs to make or runs in flight (resume would start workers for it)."""
     records = read_records(search_dir)
-    return len(records) < load_search(search_dir)["count"] or any(r["state"] in IN_FLIGHT for r in records)
+    return len(records) < search_settings(search_dir)["count"] or any(r["state"] in IN_FLIGHT for r in records)

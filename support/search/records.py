@@ -277,10 +277,11 @@ def claim_or_propose(search_dir: Path, owner: dict[str, Any]) -> dict[str, Any] 
             record.update(state="running", owner=owner, attempts=record["attempts"] + 1, ended=None)
             write_record(search_dir, record)
             return record
-        numbers = record_numbers(search_dir)
-        if len(numbers) >= search["count"]:
+        # The count is of runs with a record; a quarantined one keeps its number (and run directory) but is no run of
+        # the search: counted, it ended the search short of its count ("worker ends after 0 run(s)").
+        if len(records) >= search["count"]:
             return None
-        record = propose(search, records, max(numbers, default=0) + 1)
+        record = propose(search, records, max(record_numbers(search_dir), default=0) + 1)
         if record is not None:
             record.update(owner=owner, attempts=1)
             write_record(search_dir, record)

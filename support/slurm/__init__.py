@@ -5,7 +5,8 @@
     scripts.py     the job scripts of grids and agents (one array task runs one row, or K rows with --runs-per-gpu)
     packing.py     several runs per GPU: rows per task, a free DDP port per run, out-of-memory as one line
     array_limit.py the cluster's MaxArraySize (clusters.toml, or scontrol), checked before anything is written
-    local_rows.py  --local: the rows run on this machine, stopped together, no orphans
+    local_rows.py  --local: the rows run on this machine, stopped together, no orphans, finished by their marker
+    resume.py      --resume: grid.json checked, the unfinished rows, a moved or copied directory's script rewritten
     options.py     slurm_train.py's command line
 
 Imports: support.clusters (the profile a job is checked against), support.errors. Must not import support.search or

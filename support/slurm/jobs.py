@@ -12,6 +12,54 @@ from typing import Any
 from support.clusters.profiles import time_seconds
 from support.errors import LaunchError
 
+# sbatch reads a #SBATCH line itself, without a shell: no quoting, a value ends at whitespace, and a newline ends the
+# header. Measured: a newline in --account became a shell line of job.sbatch, the job ran it, and Slurm ignored every
+# later #SBATCH line (no time limit, the log in the working directory, no requeue). So a value holds only what
+# partition, account, memory, time, GPU type and job names are made of; anything else is refused in one line.
+SBATCH_VALUE = re.compile(r"[A-Za-z0-9_.,:=+@/\[\]-]+")
+SBATCH_VALUE_SOURCES = {
+    "job_name": "--job-name", "partition": "--partition (or a partition of clusters.toml)",
+    "account": "--account (or clusters.toml's default_account)", "mem": "--mem (or the cluster's mem in clusters.toml)",
+    "gpu_type": "--gpu-type (or a gres type of clusters.toml)",
+    "time": "--time (or the partition's max_time in clusters.toml)"}
+
+
+def sbatch_value_problem(key: str, value: object) -> str | None:
+    """Why `value` cannot be written as the #SBATCH value of resource `key` (SBATCH_VALUE_SOURCES), or None."""
+    text = str(value)
+    if SBATCH_VALUE.fullmatch(text):
+        return None
+    bad = next((c for c in text if not SBATCH_VALUE.fullmatch(c)), "")
+    why = ("it is empty" if not text else
+           "a newline ends the job's #SBATCH header and runs the rest as a shell line" if bad in ("\n", "\r") else
+           f"{bad!r} is no character of a Slurm name, size or time")
+    return (f"{SBATCH_VALUE_SOURCES.get(key, key)} {text!r} cannot be a #SBATCH value ({why}): give letters, digits "
+            "and . _ - : , = + @ / [ ] only")
+
+
+def check_sbatch_values(res: dict[str, Any], name: str | None = None) -> None:
+    """LaunchError (one line) for the first resource, or the job name, that cannot be a #SBATCH value (an empty one
+    is not written: the header leaves it out, and a job name falls back to the default)."""
+    given = {"job_name": name, **{key: res.get(key) for key in SBATCH_VALUE_SOURCES if key != "job_name"}}
+    for key, value in given.items():
+        if value not in (None, "") and (problem := sbatch_value_problem(key, value)):
+            raise LaunchError(problem)
+
+
+def log_path_problem(path: str) -> str | None:
+    """Why `path` cannot be a #SBATCH --output path (whitespace ends the value, % is Slurm's pattern), or None."""
+    if any(c.isspace() or c == "%" or ord(c) < 32 or ord(c) == 127 for c in path):
+        return (f"{path!r}: a path with spaces (or other whitespace), % or control characters cannot be a Slurm log "
+                "path; use --runs-dir")
+    return None
+
+
+def control_character_problem(path: str) -> str | None:
+    """Why `path` cannot be named in a job script's lines at all (a newline ends a comment line), or None."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in path):
+        return f"{path!r}: a path with a newline or other control character cannot go into a job script; use --runs-dir"
+    return None
+
 
 def sbatch_header(name: str, array: str | None, comment: str, res: dict[str, Any], log: str) -> list[str]:
     """The #SBATCH lines of a job (an array, unless `array` is None): exactly the resources in `res` (a cluster
@@ -19,6 +67,9 @@ def sbatch_header(name: str, array: str | None, comment: str, res: dict[str, Any
     def line(option: str, comment: str = "") -> str:
         return f"#SBATCH {option:<32}{'  # ' + comment if comment else ''}".rstrip()
 
+    check_sbatch_values(res, name)
+    if problem := control_character_problem(log):  # whitespace and %: refused for Slurm where the directory is made
+        raise LaunchError(problem)
     gpus, gpu_type = res["gpus_per_node"], res.get("gpu_type")
     header = [line(f"--job-name={name}")] + ([line(f"--array={array}", comment)] if array else [])
     header += [line(f"--partition={res['partition']}")] if res.get("partition") else []
@@ -88,3 +139,13 @@ def written_concurrency(script: Path) -> int | None:
         return None
     first, last, throttle = match.groups()
     return int(throttle) if throttle else int(last) - int(first) + 1
+
+
+def unwritable(runs_dir: Path, err: OSError) -> str:
+    """One line for a runs directory that cannot take a new grid, search or agents' directory (read-only, full, over
+    quota): the path that failed, why, and the free space of its disk. Before: a 12-21-line traceback."""
+    place = Path(err.filename) if err.filename else runs_dir.resolve()
+    existing = next((p for p in [place, *place.parents] if p.exists()), Path("/"))
+    free = shutil.disk_usage(existing).free
+    return (f"cannot write {place} ({err.strerror or err}; {free / 2**20:.1f} MB free on its disk): give --runs-dir a "
+            "writable directory with room (or free space); nothing was started")

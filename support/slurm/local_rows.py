@@ -38,6 +38,7 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
+LOCAL_LOCK = ".local.lock"  # held by the slurm_train.py --local running a grid or search directory
 # The array task a job script runs outside Slurm (where Slurm sets SLURM_ARRAY_TASK_ID).
 LOCAL_TASK_ENV = "LOCAL_ARRAY_TASK"
 # The variables job.sbatch read their array index from outside Slurm before LOCAL_TASK_ENV: set too, so a directory
@@ -84,9 +85,12 @@ def run_local(grid_dir: Path, indices: list[int], k: int, label: str = "row") ->
             time.sleep(0.2)
             for proc in [p for p in running if p.poll() is not None]:
                 row, _ = running.pop(proc)
-                ended = "finished" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
+                missing = unmarked_rows(grid_dir, row, label) if proc.returncode == 0 else []
+                ended = "finished" if proc.returncode == 0 and not missing else \
+                    f"FAILED (exit {proc.returncode})" if proc.returncode else \
+                    f"FAILED (exit 0, but no done marker for row(s) {', '.join(map(str, missing))})"
                 print(f"{label} {row} {ended}", flush=True)
-                if proc.returncode != 0:
+                if ended != "finished":
                     failed.append(row)
     finally:
         for signum, handler in handlers.items():
@@ -99,6 +103,20 @@ def run_local(grid_dir: Path, indices: list[int], k: int, label: str = "row") ->
         print(f"{len(failed)} {label}(s) failed: {', '.join(map(str, sorted(failed)))}; see their {label}-<i>.out. "
               f"Rerun them: python slurm_train.py --local --resume {grid_dir}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def unmarked_rows(grid_dir: Path, index: int, label: str) -> list[int]:
+    """The grid rows of array index `index` (a row, or a packed task's rows) without their done marker: what Slurm's
+    resume counts as finished, so --local says "finished" only with it (an emptied job.sbatch exited 0 and was
+    reported finished, nothing having run). A search's workers have no markers: their records say."""
+    if label not in ("row", "task"):
+        return []
+    from support.slurm.resume import load_grid  # here: the guard runs this file as a script, standard library only
+
+    grid = load_grid(grid_dir)
+    per_task = grid["runs_per_gpu"] if label == "task" else 1
+    rows = range(index * per_task, min((index + 1) * per_task, len(grid["rows"])))
+    return [r for r in rows if not (grid_dir / f"row-{r}" / "done").exists()]
 
 
 def guarded(command: list[str]) -> list[str]:
@@ -124,7 +142,10 @@ def guard(parent: int, command: list[str]) -> int:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent or stopped:  # the launcher died, or said stop, before the row started
         return 128 + signal.SIGTERM
-    child = subprocess.Popen(command).pid
+    # Kept referenced: a Popen collected at once reaps a child that has already ended (its __del__ polls), and the
+    # loop below then never saw its status: an emptied job.sbatch ended "exit 1", or by timing "finished".
+    process = subprocess.Popen(command)
+    child = process.pid
     if stopped:  # said while the row was being started: it may have missed the group's signal
         os.killpg(os.getpgrp(), signal.SIGTERM)
     code: int | None = None
@@ -148,6 +169,22 @@ def guard(parent: int, command: list[str]) -> int:
     if stopped and stopped[0]:
         return 128 + stopped[0]
     return code if code is not None else 1
+
+
+def running_locally(grid_dir: Path) -> bool:
+    """Whether a slurm_train.py --local holds the directory's LOCAL_LOCK (the OS releases it when that ends): a Slurm
+    --resume beside it resubmitted every row it was running."""
+    from filelock import FileLock, Timeout
+
+    if not (grid_dir / LOCAL_LOCK).exists():
+        return False
+    lock = FileLock(str(grid_dir / LOCAL_LOCK))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return True
+    lock.release()
+    return False
 
 
 def stop_orphans(grid_dir: Path) -> str | None:

@@ -4,6 +4,7 @@ Light on purpose (no torch): --help and the checks answer at once."""
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 from support.clusters.plan import RESOURCES, TEMPLATE_TIME
@@ -60,6 +61,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     if bool(args.search or args.agents) != (args.count is not None) or (args.count and args.sample is not None):
         p.error("--search needs --count N (how many runs in all; --agents too), and --count and --sample fit only "
                 "one of them: --search --count N (adaptive), or --sample N (random draws, no search)")
+    if args.agents and not re.fullmatch(r"[\w.-]+(/[\w.-]+){0,2}", args.agents):  # written into the job script
+        p.error(f"--agents {args.agents!r} is not a sweep id: give ENTITY/PROJECT/SWEEP_ID as `wandb sweep` printed it")
     if args.agents and (args.search or args.local or args.resume or extra):
         p.error("--agents runs wandb agents on Slurm: drop --search, --local, --resume and -- (agents on this machine: "
                 "./run_sweep.sh)")
@@ -72,6 +75,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
             p.error(f"--{option.replace('_', '-')} must be at least {lowest}, got {getattr(args, option)}")
     if args.time is not None and time_seconds(args.time) is None:
         p.error(f"--time {args.time!r} is not a Slurm time: use MM, HH:MM:SS, D-HH or D-HH:MM:SS (e.g. 08:00:00)")
+    if args.time is not None and time_seconds(args.time) == 0:  # Slurm's "no limit": it passed the partition check
+        p.error(f"--time {args.time} is Slurm's 'no limit', which no partition's maximum can be checked against: give "
+                "a limit (e.g. 08:00:00)")
     runs_dir = Path(args.runs_dir)
     if runs_dir.exists() and not runs_dir.is_dir():
         p.error(f"--runs-dir {args.runs_dir} is a file; give a directory (it is created if missing)")

@@ -24,7 +24,8 @@ CODE_LINE_NOTE = "the frozen copy of the submitted code"
 
 def script_head(plan: JobPlan, header: list[str], local: bool) -> str:
     """The #SBATCH header, how to submit the script again, then the cluster's set-up and the job's $python."""
-    how = f"# submit with: {plan.submit}" + (f" (sbatch on {plan.partition.arch})" if plan.submit != "sbatch" else "")
+    arch = plan.partition.arch if plan.partition else ""
+    how = f"# submit with: {plan.submit}" + (f" (sbatch on {arch})" if plan.submit != "sbatch" else "")
     return "\n".join(header) + f"\n{how}\n{job_start(plan, local)}"
 
 
@@ -97,12 +98,13 @@ export {RUNS_PER_GPU_ENV}={runs_per_gpu}  # runs sharing this task's GPU(s): tra
 task=${{{LOCAL_TASK_ENV}:-${{SLURM_ARRAY_TASK_ID:?submit with sbatch, or run: python slurm_train.py --local}}}}
 
 run_row() {{  # one row: read its argv, resume its own checkpoints, run train.py, mark it done only if that exited 0
-  local row=$1 row_dir=$grid_dir/row-$1 argv start
+  local row=$1 row_dir=$grid_dir/row-$1 start
   local -a args resume=() launch=()
   if [ -e "$row_dir/done" ]; then echo "row $row already finished ($row_dir/done)"; return 0; fi
-  argv=$("$python" -c 'import json, sys; row = json.load(open(sys.argv[1]))["rows"][int(sys.argv[2])]
-print("\\n".join(row["argv"]))' "$grid_dir/grid.json" "$row") || {{ echo "cannot read row $row"; return 1; }}
-  mapfile -t args <<< "$argv"
+  # Each argument NUL-terminated: a newline in an argument after `--` split it in two in every row.
+  mapfile -d '' -t args < <("$python" -c 'import json, sys; row = json.load(open(sys.argv[1]))["rows"][int(sys.argv[2])]
+sys.stdout.write("".join(arg + "\\0" for arg in row["argv"]))' "$grid_dir/grid.json" "$row")
+  wait "$!" || {{ echo "cannot read row $row of $grid_dir/grid.json"; return 1; }}
   # A requeued or resumed row continues from its own checkpoints: Lightning's hpc_ckpt_N or last.ckpt, the newer.
   if [ -f "$row_dir/checkpoints/last.ckpt" ] && [ -z "$(find "$row_dir" -maxdepth 1 -name 'hpc_ckpt_*.ckpt' \\
        -newer "$row_dir/checkpoints/last.ckpt" 2>/dev/null)" ]; then

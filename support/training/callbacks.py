@@ -191,6 +191,26 @@ class LatestCheckpoint(ModelCheckpoint):
         trainer.callbacks = [callback for callback in trainer.callbacks if callback not in latest] + latest
 
 
+class MovedRunCheckpoints(Callback):
+    """A run directory moved or copied (a grid resumed where it is now) tests its own best checkpoint: Lightning
+    restores ModelCheckpoint's best_model_path as the old directory's absolute path ("The dirpath has changed"), so a
+    copied row's test read the original's file (measured) and a moved row's would find none. Rebased here to the file
+    of that name in the checkpoint's directory now, when it is there: at the fit's start, and at its end too (some
+    strategies restore after on_fit_start; a run resumed at its last epoch
+    trains nothing and gets no on_train_start)."""
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.on_fit_end(trainer, pl_module)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        for callback in trainer.checkpoint_callbacks:
+            if not isinstance(callback, ModelCheckpoint) or not callback.best_model_path or not callback.dirpath:
+                continue
+            best, here = Path(callback.best_model_path), Path(callback.dirpath)
+            if best.parent != here and (here / best.name).is_file():
+                callback.best_model_path = str(here / best.name)
+
+
 def machinery_callbacks(checkpoint_dir: str, monitors: dict[str, str | None], progress: bool,
                         best: tuple[str | None, str] | None = None) -> list[Callback]:
     """What train.py adds to the Trainer besides Lightning's own callbacks: random states and data position in every
@@ -200,7 +220,8 @@ def machinery_callbacks(checkpoint_dir: str, monitors: dict[str, str | None], pr
     that records nothing, such as evaluate.py's), and progress for a terminal (Lightning's bar) or a log file."""
     callbacks = [ResumeRNGState(), SignalsAtBatchBoundary(checkpoint_dir), ResumableTrainingData(), ExactEpochMeans(),
                  LatestCheckpoint(checkpoint_dir), MonitoredMetricCheck(monitors), MaterializeLazyLayers(),
-                 OptimizerChecks(), StopOnNonFinite([*monitors.values()]), *([RunRecord(*best)] if best else [])]
+                 OptimizerChecks(), StopOnNonFinite([*monitors.values()]), MovedRunCheckpoints(),
+                 *([RunRecord(*best)] if best else [])]
     if record := os.environ.get(RECORD_ENV):  # a run of an offline search (support/search/worker.py)
         callbacks.append(SearchReport(Path(record)))
     if progress:

@@ -26,10 +26,10 @@ from typing import Any
 import torch
 from pytorch_lightning import LightningModule, Trainer
 from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.loggers import WandbLogger
 
 from support.atomic import write_atomic
 from support.results.files import COST_FILE, METRICS_FILE
+from support.training.wandb_logger import FallbackWandbLogger
 
 
 def process_start() -> float:
@@ -104,9 +104,9 @@ class RunRecord(Callback):
         if not trainer.is_global_zero:
             return
         cost = self.write_cost(trainer, final=True)
-        if isinstance(trainer.logger, WandbLogger):
-            trainer.logger.experiment.summary.update({f"cost/{key}": value for key, value in cost.items()
-                                                      if isinstance(value, (int, float)) and value is not None})
+        if isinstance(trainer.logger, FallbackWandbLogger):  # nothing once wandb's service has gone
+            trainer.logger.update_summary({f"cost/{key}": value for key, value in cost.items()
+                                           if isinstance(value, (int, float)) and value is not None})
 
     def read_cost(self) -> dict[str, Any]:
         assert self.run_dir is not None

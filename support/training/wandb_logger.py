@@ -1,9 +1,11 @@
 """wandb around a training run: the logger train.py gives the Trainer (online when it can be, else offline with one
-line saying why), its settings (`--wandb.*`), and closing the run when the service has already gone."""
+line saying why), its settings (`--wandb.*`), and a run that goes on, and closes, when wandb's service has gone."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -44,6 +46,37 @@ class FallbackWandbLogger(WandbLogger):
             self._wandb_init["mode"] = "offline"
             self._experiment = None
             return super().experiment
+
+    # scancel, a preemption and a time limit signal every process of the job step, wandb's service (wandb-core)
+    # included: it died before train.py's next log call in 4 of 6 runs on the local Slurm, and that call raised
+    # ConnectionResetError, so the run crashed (exit 1) instead of saving at its next batch and exiting 143. wandb
+    # already starts the service in its own session, which does not shield it (Slurm signals the step's processes by
+    # descent or cgroup, not by process group), and wandb-core 0.31 exits on SIGTERM even when started with it ignored
+    # (measured: its /proc status shows SigIgn 0; Go's runtime keeps an inherited SIG_IGN for SIGHUP and SIGINT only).
+    # So the logger survives the loss: once the service is gone, logging to wandb stops with one warning, the run goes
+    # on and saves at its next batch (measured, wandb-core killed 1 s before train.py's SIGTERM: exit 143 and the
+    # save; before, a ConnectionResetError traceback), and what was logged before is in the run's offline files.
+    service_gone = False
+
+    def unless_service_gone(self, call: Callable[[], Any]) -> None:
+        """Runs a call into wandb's service; if the service has gone, says so once and skips wandb from then on."""
+        if self.service_gone:
+            return
+        try:
+            call()
+        except ConnectionError as err:  # ConnectionResetError, BrokenPipeError: wandb-core's socket closed
+            self.service_gone = True
+            forget_lost_service(err, "logging to wandb stops here and the run goes on")
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self.unless_service_gone(lambda: super(FallbackWandbLogger, self).log_metrics(metrics, step))
+
+    def log_hyperparams(self, params: Any) -> None:
+        self.unless_service_gone(lambda: super(FallbackWandbLogger, self).log_hyperparams(params))
+
+    def update_summary(self, values: Mapping[str, Any]) -> None:
+        """Adds `values` to the wandb run's summary (nothing once the service has gone)."""
+        self.unless_service_gone(lambda: self.experiment.summary.update(dict(values)))
 
 
 @dataclass
@@ -90,9 +123,22 @@ def finish_wandb(exit_code: int | None = None) -> None:
     try:
         wandb.finish(exit_code=exit_code)
     except Exception as err:  # ConnectionResetError, BrokenPipeError: the service process is gone
-        warn(f"wandb could not close the run ({type(err).__name__}: {plain_reason(err)}); what it logged is in "
-             f"{Path(directory).parent}")
-        wandb.run = None  # the next main() in this process starts its own run
+        forget_lost_service(err, "wandb could not close the run", Path(directory).parent)
+
+
+def forget_lost_service(err: BaseException, what: str, directory: Path | None = None) -> None:
+    """One line for wandb's service gone (`what` happens now; what was logged is in the run's offline files), then
+    this process forgets the run and the service, so neither the next main() nor the exit hook calls it again: the
+    exit hook's teardown printed a 30-line 'Exception ignored in atexit callback' after the run's own last line."""
+    import wandb
+
+    if directory is None and wandb.run is not None:
+        directory = Path(wandb.run.dir).parent
+    warn(f"wandb's service has gone ({type(err).__name__}: {plain_reason(err)}), as when Slurm signals every process "
+         f"of a job step: {what}; what it logged is in {directory} (`wandb sync` uploads it)")
+    wandb.run = None  # the next main() in this process starts its own run
+    with contextlib.suppress(Exception):  # unregisters the exit hook first, then fails to reach the service
+        wandb.teardown()
 
 
 def init_settings(init_timeout: float) -> Any:
