@@ -67,6 +67,7 @@ from support.search.launch import (
 )
 from support.search.records import SEARCH_FILE
 from support.slurm.array_limit import array_problem
+from support.slurm.grid_rows import device_count, given_keys, value_groups, without_given
 from support.slurm.jobs import (
     active_jobs,
     array_spec,
@@ -122,44 +123,11 @@ def enumerate_rows(config: dict[str, Any], sample: int | None,
     return validated, rows
 
 
-def _device_count(devices: Any, gpus: int) -> int | None:
-    """How many processes per node Lightning starts for trainer.devices (None: cannot tell)."""
-    if devices in ("auto", -1, "-1"):
-        return gpus or 1
-    if isinstance(devices, list):
-        return len(devices)
-    if isinstance(devices, str) and "," in devices:
-        return len([d for d in devices.split(",") if d.strip()])
-    try:
-        return int(devices)
-    except (TypeError, ValueError):
-        return None
-
-
 def _parse(argv: list[str], index: int) -> Any:
     try:
         return sweep.train_config(argv)  # loads torch: only here, so --help and --resume need not wait for it
     except Exception as err:  # jsonargparse's ArgumentError, or a constructor's ValueError/TypeError
         raise LaunchError(f"row {index} ({shlex.join(argv)}): train.py rejects it: {one_line(err)}") from None
-
-
-def _value_groups(rows: list[dict[str, Any]]) -> dict[str, dict[str, tuple[tuple[tuple[str, Any], ...], int]]]:
-    """group (a key, or a class key with the keys below it) -> its distinct values (as JSON: a class value is a
-    dict) -> those values and the first row that has them."""
-    classes = {key for row in rows for key, value in row.items() if isinstance(value, dict)}
-
-    def group_of(key: str) -> str:
-        parts = key.split(".")
-        return next((owner for i in range(1, len(parts)) if (owner := ".".join(parts[:i])) in classes), key)
-
-    groups: dict[str, dict[str, tuple[tuple[tuple[str, Any], ...], int]]] = {}
-    for index, row in enumerate(rows):
-        members: dict[str, list[tuple[str, Any]]] = {}
-        for key in sorted(row):
-            members.setdefault(group_of(key), []).append((key, row[key]))
-        for group, items in members.items():
-            groups.setdefault(group, {}).setdefault(json.dumps(items, default=str), (tuple(items), index))
-    return groups
 
 
 def check_rows(rows: list[dict[str, Any]], extra: list[str], res: dict[str, Any]) -> None:
@@ -169,7 +137,7 @@ def check_rows(rows: list[dict[str, Any]], extra: list[str], res: dict[str, Any]
     the first being row 0 (grouped by their first word, as before, they took 1,600: 3 min 54 s, issue 35). A key
     below a class the sweep chooses (optimizer.lr under optimizer={"class_path": ...}) means something only with
     that class, so it goes with it. When a parse fails, its groups are parsed alone to name the row."""
-    groups = _value_groups(rows)
+    groups = value_groups(rows)
     tables = [list(values.values()) for values in groups.values()]
     tasks, gpus, nodes = res["ntasks_per_node"], res["gpus_per_node"], res["nodes"]
     for j in range(max(len(table) for table in tables)):
@@ -184,7 +152,7 @@ def check_rows(rows: list[dict[str, Any]], extra: list[str], res: dict[str, Any]
         if config.trainer.num_nodes != nodes:  # each node would train alone, or the job hang at its first collective
             raise LaunchError(f"row {picked[0][1]}: --nodes={nodes} but the Trainer runs --trainer.num_nodes="
                               f"{config.trainer.num_nodes}: append -- --trainer.num_nodes={nodes}")
-        count = _device_count(config.trainer.devices, gpus)
+        count = device_count(config.trainer.devices, gpus)
         if count is not None and (problem := tasks_devices_mismatch(tasks * nodes, count, config.trainer.num_nodes)):
             raise LaunchError(f"row {picked[0][1]}: {problem} (here: --ntasks-per-node, --nodes, or -- --trainer.*)")
 
@@ -285,6 +253,9 @@ def start_grid(args: argparse.Namespace, extra: list[str], plan: JobPlan) -> tup
     (none for --dry-run, which prints the script and the rows instead)."""
     config = load_sweep_config(args.sweep_config)
     _, rows = enumerate_rows(config, args.sample, args.seed)
+    if replaced := sorted({key for row in rows for key in row} & given_keys(extra)):
+        print(f"note: the arguments after -- set {', '.join(replaced)}: that value replaces the sweep's in every row")
+    rows = [without_given(row, extra) for row in rows]
     refuse_large_array(args, task_count(len(rows), args.runs_per_gpu), len(rows), plan)
     check_rows(rows, extra, plan.res)  # before anything is written: a bad row fails here, not in the queue
     grid_dir, per_gpu = new_run_dir(args, "grid-"), args.runs_per_gpu
@@ -295,7 +266,8 @@ def start_grid(args: argparse.Namespace, extra: list[str], plan: JobPlan) -> tup
     tasks = task_count(len(rows), per_gpu)
     if args.dry_run:
         print(script)
-        packing = (f", {per_gpu} per GPU at once: {tasks} array tasks, task t running rows t*{per_gpu} to "
+        shared = "per GPU" if plan.res["gpus_per_node"] else "sharing the CPUs"  # --gpus-per-node 0: no GPU
+        packing = (f", {per_gpu} {shared} at once: {tasks} array tasks, task t running rows t*{per_gpu} to "
                    f"t*{per_gpu}+{per_gpu - 1}" if per_gpu > 1 else "")
         print(f"# {len(rows)} runs (each with --run_dir={grid_dir}/row-<i>){packing}; dry run: nothing written or "
               "submitted")
