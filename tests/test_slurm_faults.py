@@ -20,8 +20,9 @@ pytestmark = [pytest.mark.example_model, pytest.mark.example_data, pytest.mark.s
 
 TWO_ROWS = {"model.hidden_dim": {"values": [16, 32]}}
 # 4-sample batches (315 steps per epoch) validated every quarter epoch: last.ckpt appears at step 78, and the cancel
-# lands mid-epoch with ~200 steps to spare.
-SETTINGS = ["--trainer.max_epochs=1", "--trainer.enable_model_summary=false", "--trainer.enable_progress_bar=false",
+# lands in training with ~1,100 steps to spare (an idle machine trains an epoch in ~3 s: with one epoch, a row once
+# finished its fit before the cancel and was killed in its test).
+SETTINGS = ["--trainer.max_epochs=4", "--trainer.enable_model_summary=false", "--trainer.enable_progress_bar=false",
             "--data.batch_size=4", "--trainer.val_check_interval=0.25", "--early_stopping.patience=100",
             "--cka.every_n_epochs=0", "--trainer.accelerator=cpu"]
 FIRST_VALIDATION_STEP = 78
@@ -42,7 +43,7 @@ def cancelled_grid(cluster: SlurmCluster, tmp_path: Path, runs_per_gpu: int) -> 
     while not all((grid / f"row-{i}" / "checkpoints" / "last.ckpt").exists() for i in (0, 1)):
         assert time.monotonic() < deadline, f"the rows never reached their first validation\n{logs(grid)}"
         time.sleep(0.05)
-    time.sleep(1.0)  # past the validation's save: the stop's save is a later step
+    time.sleep(0.2)  # past the validation's save: the stop's save is a later step
     assert cluster.run("scancel", job).returncode == 0
     cluster.wait([job], timeout=120)
     for i in (0, 1):
