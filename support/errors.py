@@ -19,7 +19,7 @@ class LaunchError(ValueError):
     """A problem with a Slurm submission found before anything was written or submitted; the message is one line."""
 
 
-def warn(message: str) -> None:
+def warn(message: str, prefix: str = "warning") -> None:
     """One plain line on stderr, from rank 0 only: what a researcher reads in a SLURM log (Python's warnings add the
     file, line and source line, which say nothing to them)."""
     # Lightning's record of this process's rank: set when Lightning loads, updated by its strategies. This small
@@ -27,7 +27,12 @@ def warn(message: str) -> None:
     from lightning_utilities.core.rank_zero import rank_zero_only
 
     if getattr(rank_zero_only, "rank", 0) == 0:
-        print(f"warning: {message}", file=sys.stderr, flush=True)
+        print(f"{prefix}: {message}", file=sys.stderr, flush=True)
+
+
+def note(message: str) -> None:
+    """As warn, for what is as meant but worth knowing (`note: ...`)."""
+    warn(message, prefix="note")
 
 
 def one_line(err: BaseException) -> str:

@@ -144,13 +144,22 @@ def test_the_dry_run_says_how_many_runs_share_a_gpu_and_how_many_tasks(
     assert slurm_train.main(["--sweep-config", str(sweep), "--runs-per-gpu", "2", "--dry-run", "--runs-dir",
                              str(tmp_path / "runs"), "--gpus-per-node", "0"]) == 0
     out = capsys.readouterr().out
-    assert "#SBATCH --array=0-2%4" in out and "# 5 rows, 2 runs per GPU: 3 tasks, at most 4 tasks at a time" in out
-    assert "2 per GPU at once: 3 array tasks" in out and "--output=" in out and "/task-%a.out" in out
+    # --gpus-per-node 0: the runs share the CPUs, not a GPU
+    assert "#SBATCH --array=0-2%4" in out and "# 5 rows, 2 runs sharing the CPUs: 3 tasks, at most 4 tasks" in out
+    assert "2 sharing the CPUs at once: 3 array tasks" in out and "--output=" in out and "/task-%a.out" in out
+    assert "2 per GPU" not in out and "runs per GPU" not in out
     assert 'export MLMODELDEV_LOCAL_DATA="$TMPDIR"' in out  # the cluster's node-local disk (clusters.toml)
     assert not (tmp_path / "runs").exists()
     assert slurm_train.main(["--sweep-config", str(sweep), "--runs-per-gpu", "2", "--dry-run", "--no-local-data",
-                             "--runs-dir", str(tmp_path / "runs"), "--gpus-per-node", "0"]) == 0
-    assert "MLMODELDEV_LOCAL_DATA" not in capsys.readouterr().out
+                             "--runs-dir", str(tmp_path / "runs"), "--gpus-per-node", "1", "--",
+                             "--optimizer.lr=0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "MLMODELDEV_LOCAL_DATA" not in out and "2 per GPU at once: 3 array tasks" in out
+    # The value after -- replaces the sweep's in every row: one --optimizer.lr each, and a note saying so.
+    rows = [line for line in out.splitlines() if line.startswith("# row ")]
+    assert len(rows) == 5 and all(row.count("--optimizer.lr=") == 1 and row.endswith("--optimizer.lr=0.5")
+                                  for row in rows), rows
+    assert "note: the arguments after -- set optimizer.lr: that value replaces the sweep's in every row" in out
     assert os.environ.get(packing.RUNS_PER_GPU_ENV) is None
 
 

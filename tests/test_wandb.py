@@ -99,9 +99,24 @@ def test_credentials_with_an_unreachable_server_choose_offline_with_a_reason(no_
     mode, reason = choose_mode("auto", init_timeout=5)
     assert mode == "offline" and "cannot reach the wandb server" in reason
     monkeypatch.delenv("WANDB_API_KEY")
-    assert choose_mode("auto", init_timeout=5) == ("offline", None)  # no credentials: offline, nothing to say
+    assert choose_mode("auto", init_timeout=5) == ("offline", None)  # no credentials: offline, not a problem
     with pytest.raises(ValueError, match="wandb login"):
         choose_mode("online", init_timeout=5)
+
+
+def test_offline_for_want_of_credentials_says_so_once(no_credentials: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture, tmp_path: Path):
+    from support.training.wandb_logger import WandbOptions, wandb_logger
+
+    monkeypatch.delenv("WANDB_MODE")
+    wandb_logger(WandbOptions(), tmp_path / "run")
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [f"note: wandb logs offline into {tmp_path / 'run'}/wandb: no credentials (`wandb login` or "
+                     f"WANDB_API_KEY) to log online. Upload it later with `wandb sync {tmp_path / 'run'}/wandb/"
+                     "offline-run-*`."], lines
+    monkeypatch.setenv("WANDB_MODE", "offline")  # asked for: nothing to say
+    wandb_logger(WandbOptions(), tmp_path / "run")
+    assert capsys.readouterr().err == ""
 
 
 class Refusing(http.server.BaseHTTPRequestHandler):

@@ -83,7 +83,8 @@ def render_script(grid_dir: Path, n: int, k: int, plan: JobPlan, name: str, code
     once, each as its own srun step), each read from grid.json, run with the frozen copy `code` of the submitted
     code, and marked done when train.py exited 0."""
     tasks = task_count(n, runs_per_gpu)
-    packing = f", {runs_per_gpu} runs per GPU: {tasks} tasks" if runs_per_gpu > 1 else ""
+    shared = "per GPU" if plan.res.get("gpus_per_node") else "sharing the CPUs"  # --gpus-per-node 0: no GPU
+    packing = f", {runs_per_gpu} runs {shared}: {tasks} tasks" if runs_per_gpu > 1 else ""
     header = sbatch_header(name, f"0-{tasks - 1}%{k}", f"{n} rows{packing}, at most {k} tasks at a time", plan.res,
                            f"{grid_dir}/{'row' if runs_per_gpu == 1 else 'task'}-%a.out")
     q = shlex.quote

@@ -14,7 +14,7 @@ from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 
 from support import REPO_DIR
-from support.errors import warn
+from support.errors import note, warn
 from support.run_dir.checks import wandb_run_id
 from support.training.wandb_access import choose_mode, default_entity, default_project, plain_reason
 
@@ -104,6 +104,9 @@ def wandb_logger(options: WandbOptions, run_dir: Path) -> FallbackWandbLogger:
     if problem:
         warn(f"wandb: {problem}; logging offline into {run_dir}/wandb instead. Upload later with "
              f"`wandb sync {run_dir}/wandb/offline-run-*`.")
+    elif mode == "offline" and options.mode == "auto" and not os.environ.get("WANDB_MODE"):
+        note(f"wandb logs offline into {run_dir}/wandb: no credentials (`wandb login` or WANDB_API_KEY) to log online. "
+             f"Upload it later with `wandb sync {run_dir}/wandb/offline-run-*`.")
     return FallbackWandbLogger(
         project=options.project, entity=options.entity, name=options.name or run_dir.name, tags=options.tags or None,
         group=options.group,
