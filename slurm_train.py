@@ -138,7 +138,8 @@ def check_rows(rows: list[dict[str, Any]], extra: list[str], res: dict[str, Any]
     below a class the sweep chooses (optimizer.lr under optimizer={"class_path": ...}) means something only with
     that class, so it goes with it. When a parse fails, its groups are parsed alone to name the row."""
     groups = value_groups(rows)
-    tables = [list(values.values()) for values in groups.values()]
+    # Rows with no key of their own (every one given after --) still get one parse.
+    tables = [list(values.values()) for values in groups.values()] or [[((), 0)]]
     tasks, gpus, nodes = res["ntasks_per_node"], res["gpus_per_node"], res["nodes"]
     for j in range(max(len(table) for table in tables)):
         picked = [table[j % len(table)] for table in tables]
