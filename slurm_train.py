@@ -163,16 +163,16 @@ def job_plan(args: argparse.Namespace) -> JobPlan:
     clusters = load_clusters()
     cluster = clusters.get(args.cluster or clusters.default_cluster)
     given = {k: getattr(args, k) for k in RESOURCES}
-    if args.local:  # this machine: no queue rule of any cluster, no account
-        plan, notes = local_plan(cluster, given), []
+    if args.local:  # this machine: no queue rule of any cluster, no account, nothing about the cluster's storage
+        plan = local_plan(cluster, given)
     else:
         given["account"], notes = job_account(clusters, cluster, args.account)
         plan = plan_job(cluster, given, preview=args.dry_run)
+        plan.notes += notes + storage_notes(plan, Path(args.runs_dir), Path(sys.prefix))
     check_sbatch_values(plan.res, args.job_name)  # before the rows' checks (seconds): every value of the header
     if problem := script_values_problem(plan):  # and clusters.toml's lines and names the script holds
         raise LaunchError(problem)
     plan.local_data = not args.no_local_data
-    plan.notes += notes + storage_notes(plan, Path(args.runs_dir), Path(sys.prefix))
     return plan
 
 

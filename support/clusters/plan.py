@@ -61,7 +61,7 @@ def job_account(clusters: Clusters, cluster: Cluster, given: str | None) -> tupl
     if not account:
         return None, []
     if not ACCOUNT_NAME.fullmatch(account):
-        raise LaunchError(f"{source} = {account!r} is not a Slurm account name (letters, digits, '.', '_', '-', '@', "
+        raise LaunchError(f"{source} = {account!r} is not a Slurm account name (letters, numerals, '.', '_', '-', '@', "
                           f"'+'): give the project code as `sacctmgr show assoc user=$USER` lists it")
     owners = [other.name for other in clusters.clusters.values() if other is not cluster and
               other.default_account == account and account != cluster.default_account]
@@ -272,7 +272,7 @@ def script_values_problem(plan: JobPlan) -> str | None:
     for what, value in [("submit", plan.submit), ("arch", plan.partition.arch if plan.partition else "")]:
         if not re.fullmatch(r"[\w.+-]*", value):
             return (f"clusters.toml: {cluster.name}'s {what} = {value!r} is not a command or architecture name "
-                    "(letters, digits, . _ + -): correct it in clusters.toml")
+                    "(letters, numerals, . _ + -): correct it in clusters.toml")
     if any(ord(c) < 32 for c in cluster.name):  # written into a comment line, which a newline would end
         return f"clusters.toml: the cluster name {cluster.name!r} holds a control character: give it on one line"
     if bad := next((line for line in cluster.setup if "\n" in line or "\r" in line), None):

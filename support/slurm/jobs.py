@@ -33,7 +33,7 @@ def sbatch_value_problem(key: str, value: object) -> str | None:
     why = ("it is empty" if not text else
            "a newline ends the job's #SBATCH header and runs the rest as a shell line" if bad in ("\n", "\r") else
            f"{bad!r} is no character of a Slurm name, size or time")
-    return (f"{SBATCH_VALUE_SOURCES.get(key, key)} {text!r} cannot be a #SBATCH value ({why}): give letters, digits "
+    return (f"{SBATCH_VALUE_SOURCES.get(key, key)} {text!r} cannot be a #SBATCH value ({why}): give letters, numerals "
             "and . _ - : , = + @ / [ ] only")
 
 
