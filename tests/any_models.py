@@ -16,7 +16,20 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 TEXT = "the quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs. "
 
 
-class CharData(pl.LightningDataModule):
+class TrainAndValidation(pl.LightningDataModule):
+    """Loaders of the train_set and val_set that setup() makes (the validation set also tests)."""
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.batch_size)
+
+
+class CharData(TrainAndValidation):
     """Character sequences labelled by whether they hold more vowels than the mean. The vocabulary, and so its size,
     exists only after setup(): `vocab_size` is a property reading it."""
 
@@ -39,14 +52,6 @@ class CharData(pl.LightningDataModule):
         split = self.samples * 3 // 4
         self.train_set, self.val_set = TensorDataset(x[:split], y[:split]), TensorDataset(x[split:], y[split:])
 
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.batch_size)
-
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.batch_size)
 
 
 class Classifies(pl.LightningModule):
@@ -162,7 +167,7 @@ class StreamModel(Classifies):
         return super().training_step(batch, batch_idx)
 
 
-class BlobData(pl.LightningDataModule):
+class BlobData(TrainAndValidation):
     """Map-style 4-feature points of two blobs, for the GAN (it learns their distribution)."""
 
     def __init__(self, batch_size: int = 8, samples: int = 96) -> None:
@@ -176,14 +181,6 @@ class BlobData(pl.LightningDataModule):
         split = self.samples * 3 // 4
         self.train_set, self.val_set = TensorDataset(x[:split], y[:split]), TensorDataset(x[split:], y[split:])
 
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.batch_size)
-
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.batch_size)
 
 
 class GAN(pl.LightningModule):

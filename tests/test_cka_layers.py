@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
+from any_models import EmbeddingInSetup
 from conftest import QUICK, REPO
 from pytorch_lightning import Trainer
 from torch import nn
@@ -61,33 +61,11 @@ class CharData(pl.LightningDataModule):
         return self._loader("test")
 
 
-class CharModel(pl.LightningModule):
-    """An embedding built in setup() from the DataModule's vocabulary, then a linear head."""
+class CharModel(EmbeddingInSetup):
+    """An embedding built in setup() from the DataModule's vocabulary, then a linear head (tests/any_models.py),
+    naming both for CKA."""
 
     cka_layers = ["embed", "head"]
-
-    def __init__(self, dim: int = 8) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self.head = nn.Linear(dim, 2)
-
-    def setup(self, stage: str) -> None:
-        if not hasattr(self, "embed"):
-            self.embed = nn.Embedding(self.trainer.datamodule.vocab_size, self.hparams.dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.embed(x).mean(1))
-
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = F.cross_entropy(self(batch[0]), batch[1])
-        self.log("train/loss", loss)
-        return loss
-
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self.log("val/loss", F.cross_entropy(self(batch[0]), batch[1]))
-
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self.log("test/loss", F.cross_entropy(self(batch[0]), batch[1]))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.1)
