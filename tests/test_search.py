@@ -233,3 +233,12 @@ def test_a_preempted_run_is_resumed_by_the_next_worker_once_its_owner_is_gone(tm
     running = search_records.claim_or_propose(search_dir, search_records.owner_identity(0))  # new: its owner lives
     assert (running["number"], running["attempts"]) == (2, 1)
     assert search_records.claim_or_propose(search_dir, search_records.owner_identity(1))["number"] == 3
+
+
+def test_a_key_given_after_the_separator_is_not_given_twice(tmp_path: Path) -> None:
+    """The run's argv holds the value given after `--`, not the sweep's too (one --epochs, the later one)."""
+    search_dir = tmp_path / "search"
+    make_search(search_dir, {"method": "grid", "parameters": {"epochs": {"values": [5]}, "lr": {"values": [0.1]}}},
+                count=1, extra=["--epochs=2"])
+    command = search_worker.Worker(search_dir, 0).command({"config": {"epochs": 5, "lr": 0.1}}, tmp_path / "run")
+    assert [arg for arg in command if arg.startswith("--epochs")] == ["--epochs=2"] and "--lr=0.1" in command

@@ -39,6 +39,7 @@ from support.search.records import (
     record_path,
     write_record,
 )
+from support.slurm.grid_rows import given_keys
 from support.slurm.packing import free_port, packed
 
 
@@ -92,7 +93,10 @@ class Worker:
             self.child.send_signal(signal.SIGTERM)
 
     def command(self, record: dict[str, Any], run_dir: Path) -> list[str]:
-        settings = [f"--{key}={value}" for key, value in sorted(record["config"].items())]  # as a wandb agent
+        # As a wandb agent gives them, less the keys given again after `--` (they come later and win: the run's
+        # argv would hold both, as a grid's rows did).
+        given = given_keys(self.search["extra"])
+        settings = [f"--{key}={value}" for key, value in sorted(record["config"].items()) if key not in given]
         # A script runs under this worker's interpreter: the environment of the node's architecture (job.sbatch's
         # $python), not the submitting machine's.
         program = self.search["program"] or [str(REPO_DIR / "train.py")]  # the copy's train.py, beside this worker
