@@ -180,7 +180,7 @@ def build_cli_or_exit(args: list[str] | dict[str, Any] | None = None, record: bo
     """build_cli, with bad settings turned into one line (SystemExit) that names the option."""
     try:
         return build_cli(args, record)
-    except SettingError as err:  # already one line, naming the option
+    except (SettingError, DownloadError) as err:  # one line already (data a LINKED name's setup() could not get)
         raise SystemExit(f"error: {err}") from None
     except (ArgumentError, ValueError, TypeError, MisconfigurationException) as err:
         raise SystemExit(f"error: {one_line(err)}\nSee `python train.py --help` for the options.") from None

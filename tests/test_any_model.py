@@ -17,6 +17,7 @@ from pytorch_lightning import Callback
 
 import evaluate
 import train
+from support.data.downloads import DownloadError
 from support.training import linking
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -97,6 +98,20 @@ def test_a_linked_name_still_missing_after_setup_is_one_line(monkeypatch: pytest
     line = str(stop.value)
     assert line.startswith("error: LINKED 'vocab_size': NoVocabulary has no 'vocab_size' even after its "
                            "prepare_data() and setup('fit')") and "drop it from LINKED" in line, line
+
+
+class UnreachableVocabulary(CharData):
+    """Its setup() needs data it cannot download."""
+
+    def setup(self, stage: str) -> None:
+        raise DownloadError("cannot download vocab.txt of dataset 'chars': connection refused; try again later")
+
+
+def test_data_that_cannot_be_had_for_a_linked_name_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    use(monkeypatch, LinkedVocabulary, UnreachableVocabulary, linked=("vocab_size",))
+    with pytest.raises(SystemExit) as stop:
+        train.build_cli_or_exit([*SHORT, "--run_dir=run", "--trainer.max_epochs=1"])
+    assert str(stop.value) == "error: cannot download vocab.txt of dataset 'chars': connection refused; try again later"
 
 
 class HeadOnlyOptimizer(EmbeddingInSetup):
