@@ -224,7 +224,9 @@ class Checker:
         from support.contracts.probes import drifted, hidden_state
 
         metric, repeated = next(iter(wrong)), tested()
-        loaded = train_module().build_cli([*self.args, f"--run_dir={self.work / 'loaded'}"], record=False).model
+        import train
+
+        loaded = train.build_cli([*self.args, f"--run_dir={self.work / 'loaded'}"], record=False).model
         if repeated.get(metric) != again.get(metric):
             cause = ("cause: two evaluations of the same checkpoint differ: the test step or data draws random "
                      "numbers that the checkpoint's random states do not give (a torch.Generator or random.Random of "
@@ -296,12 +298,6 @@ class Checker:
                                " (sweep.py's SWEEP_CONFIG)")
         self.record("sweep", True, f"SWEEP_CONFIG ({method}) validates; "
                                    f"{'its grid' if method == 'grid' else '3 draws'} pass the dry run")
-
-
-def train_module() -> Any:
-    import train
-
-    return train
 
 
 def ddp_run(out: str, args: list[str]) -> None:

@@ -35,7 +35,7 @@ from torch.utils.data import (
     SequentialSampler,
 )
 
-from support.run_dir.streams import needs_sharding, sharded
+from support.run_dir.streams import needs_sharding, rebuilt, sharded
 
 
 class EpochShuffleSampler(DistributedSampler):
@@ -136,15 +136,7 @@ def with_sampler(loader: DataLoader, sampler: DistributedSampler, seed: int, bat
     dropout masks match."""
     generator = torch.Generator().manual_seed(seed)
     if type(loader) is DataLoader:  # the common case, rebuilt from its public attributes
-        workers = loader.num_workers
-        return DataLoader(loader.dataset, batch_size=batch_size or loader.batch_size, sampler=sampler,
-                          num_workers=workers,
-                          collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=loader.drop_last,
-                          timeout=loader.timeout, worker_init_fn=loader.worker_init_fn, generator=generator,
-                          multiprocessing_context=loader.multiprocessing_context,
-                          prefetch_factor=loader.prefetch_factor if workers > 0 else None,
-                          persistent_workers=loader.persistent_workers, pin_memory_device=loader.pin_memory_device,
-                          in_order=loader.in_order)
+        return rebuilt(loader, sampler=sampler, batch_size=batch_size or loader.batch_size, generator=generator)
     # A DataLoader subclass: rebuilt the way Lightning rebuilds it to put in its DistributedSampler, from the
     # arguments it recorded when train_dataloader() made it. Private; watched by tests/test_private_names.py.
     from pytorch_lightning.trainer.states import RunningStage
@@ -152,9 +144,9 @@ def with_sampler(loader: DataLoader, sampler: DistributedSampler, seed: int, bat
 
     if batch_size not in (None, loader.batch_size):
         raise ValueError(f"a {type(loader).__name__} cannot be rebuilt with another batch size")
-    rebuilt = _update_dataloader(loader, sampler, mode=RunningStage.TRAINING)
-    rebuilt.generator = generator
-    return rebuilt
+    subclass = _update_dataloader(loader, sampler, mode=RunningStage.TRAINING)
+    subclass.generator = generator
+    return subclass
 
 
 def exactly_once(loader: Any, trainer: Trainer, stage: str) -> Any:

@@ -62,12 +62,18 @@ def sharded(loader: DataLoader, rank: int, ranks: int, stage: str) -> DataLoader
             f"cannot share out: each of the {ranks} process(es) and {max(loader.num_workers, 1)} worker(s) would read "
             f"all of it; return a plain DataLoader, or take each rank's and worker's share in the dataset's __iter__ "
             f"and set {SELF_SHARDED} = True on it")
+    return rebuilt(loader, dataset=ShardedStream(loader.dataset, rank, ranks, equal=stage == "training"))
+
+
+def rebuilt(loader: DataLoader, **changes: Any) -> DataLoader:
+    """A plain DataLoader built again from its public attributes, with `changes` (dataset, sampler, batch_size,
+    generator) in place of its own."""
     workers = loader.num_workers
-    return DataLoader(ShardedStream(loader.dataset, rank, ranks, equal=stage == "training"),
-                      batch_size=loader.batch_size, num_workers=workers, collate_fn=loader.collate_fn,
-                      pin_memory=loader.pin_memory, drop_last=loader.drop_last, timeout=loader.timeout,
-                      worker_init_fn=loader.worker_init_fn, generator=loader.generator,
-                      multiprocessing_context=loader.multiprocessing_context,
-                      prefetch_factor=loader.prefetch_factor if workers > 0 else None,
-                      persistent_workers=loader.persistent_workers, pin_memory_device=loader.pin_memory_device,
-                      in_order=loader.in_order)
+    arguments = dict(dataset=loader.dataset, batch_size=loader.batch_size, num_workers=workers,
+                     collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=loader.drop_last,
+                     timeout=loader.timeout, worker_init_fn=loader.worker_init_fn, generator=loader.generator,
+                     multiprocessing_context=loader.multiprocessing_context,
+                     prefetch_factor=loader.prefetch_factor if workers > 0 else None,
+                     persistent_workers=loader.persistent_workers, pin_memory_device=loader.pin_memory_device,
+                     in_order=loader.in_order)
+    return DataLoader(**{**arguments, **changes})
